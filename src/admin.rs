@@ -1,0 +1,159 @@
+//! The admin HTTP endpoint: /live, /ready and /metrics for operators and orchestrators.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::drain;
+use crate::readiness::Readiness;
+
+/// At most this many admin connections are served at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request heads larger than this are refused.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// What the admin endpoint reports on.
+#[derive(Debug)]
+pub struct Admin {
+    readiness: Arc<Readiness>,
+    registry: Registry,
+}
+
+impl Admin {
+    pub fn new(readiness: Arc<Readiness>, registry: Registry) -> Self {
+        Self { readiness, registry }
+    }
+
+    /// Answers one request. Only GET and HEAD are served.
+    pub fn handle<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served\n");
+            response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        match request.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" => {
+                let pending = self.readiness.pending();
+                if pending.is_empty() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: waiting for {}\n", pending.join(", ")))
+                }
+            }
+            "/metrics" => {
+                let mut response = text(StatusCode::OK, crate::metrics::encode(&self.registry));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+                response
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready or /metrics\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Serves the admin endpoint until the drain starts, then lets open connections finish.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, drain: drain::Watch) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            _ = drain.signaled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            tracing::debug!("admin: connection limit reached, closing a new connection");
+            continue;
+        };
+        let admin = Arc::clone(&admin);
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |request: Request<Incoming>| {
+                let response = admin.handle(&request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES);
+            builder.http2().max_header_list_size(MAX_HEAD_BYTES as u32).max_concurrent_streams(16);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "admin: connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn get(admin: &Admin, method: Method, path: &str) -> (StatusCode, String) {
+        let request = Request::builder().method(method).uri(path).body(()).expect("request");
+        let response = admin.handle(&request);
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8(body.to_vec()).expect("utf-8"))
+    }
+
+    #[tokio::test]
+    async fn ready_reports_pending_gates_until_they_open() {
+        let readiness = Readiness::new();
+        let gate = readiness.gate("listeners");
+        let admin = Admin::new(Arc::clone(&readiness), Registry::default());
+        let (status, body) = get(&admin, Method::GET, "/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("listeners"), "{body}");
+        gate.open();
+        assert_eq!(get(&admin, Method::GET, "/ready").await.0, StatusCode::OK);
+        assert_eq!(get(&admin, Method::GET, "/live").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_methods_are_refused() {
+        let admin = Admin::new(Readiness::new(), Registry::default());
+        assert_eq!(get(&admin, Method::GET, "/nope").await.0, StatusCode::NOT_FOUND);
+        assert_eq!(get(&admin, Method::POST, "/live").await.0, StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

@@ -1,0 +1,117 @@
+//! The command line: `run` starts the daemon; the other commands are for operators.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Source};
+
+/// Exit status for a configuration that cannot be used (sysexits' EX_CONFIG). The systemd unit
+/// lists it in RestartPreventExitStatus= so a bad config does not restart in a loop.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// A service-mesh node for the edge: discovery, DNS, identity and an mTLS proxy that keep
+/// working while the upstream cluster is unreachable.
+#[derive(Debug, Parser)]
+#[command(name = "meshkeep", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file [default: $MESHKEEP_CONFIG, else /etc/meshkeep/config.toml if it
+    /// exists, else the built-in default]. Drop-ins are read from config.d/ beside it.
+    #[arg(short, long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Run,
+    /// Validate or print the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration; exit non-zero naming the file, line and key of any error.
+    Check,
+    /// Print the effective configuration (files, drop-ins, environment and defaults merged).
+    Show {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Toml)]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    Toml,
+    Json,
+}
+
+/// Runs a parsed command line and returns the process exit status.
+pub fn main(cli: Cli) -> ExitCode {
+    let loaded = match Source::from_process(cli.config).load() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("meshkeep: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = match cli.command {
+        Command::Run => {
+            crate::logging::init(&loaded.config.log, loaded.service_manager.stderr_is_journal);
+            crate::app::run(loaded)
+        }
+        Command::Config { command: ConfigCommand::Check } => {
+            config_check(&loaded);
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Show { output } } => config_show(&loaded, output),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("meshkeep: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_check(loaded: &config::Loaded) {
+    if loaded.embedded && loaded.files.is_empty() {
+        println!("ok: no configuration file; the built-in default is valid");
+    } else {
+        for file in &loaded.files {
+            println!("ok: {}", file.display());
+        }
+    }
+    for var in &loaded.env_overrides {
+        println!("ok: environment {var}");
+    }
+}
+
+fn config_show(loaded: &config::Loaded, output: Format) -> anyhow::Result<()> {
+    match output {
+        Format::Toml => {
+            let source = if loaded.files.is_empty() {
+                "the built-in default".to_owned()
+            } else {
+                loaded.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            };
+            println!("# effective configuration from {source}");
+            if !loaded.env_overrides.is_empty() {
+                println!("# environment overrides: {}", loaded.env_overrides.join(", "));
+            }
+            print!("{}", loaded.config.to_toml());
+        }
+        Format::Json => println!("{}", serde_json::to_string_pretty(&loaded.config)?),
+    }
+    Ok(())
+}

@@ -1,0 +1,716 @@
+//! The one typed configuration, read from a TOML file, `config.d/*.toml` drop-ins and a few
+//! per-box environment overrides.
+//!
+//! Architecture Invariant: this is the only module that reads configuration files or the
+//! environment. Each section of [`Config`] belongs to one component, which receives only that
+//! section. Values are parsed into types that cannot hold invalid states here, at the edge, so
+//! that every error can name the file, line and key it came from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The main configuration file when neither `--config` nor `MESHKEEP_CONFIG` names one.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/meshkeep";
+/// The file name of the main configuration file inside a configuration directory.
+pub const CONFIG_FILE_NAME: &str = "config.toml";
+/// The drop-in directory next to the main configuration file.
+pub const DROP_IN_DIR_NAME: &str = "config.d";
+/// State directory when a configuration file exists but does not name one.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshkeep";
+/// State directory of the embedded default (no configuration file at all), relative to the
+/// working directory so that a newcomer's first run needs no root.
+pub const EMBEDDED_STATE_DIR: &str = ".meshkeep";
+
+/// Environment variables that override one key each, applied in this order (later wins).
+///
+/// `STATE_DIRECTORY` and `CONFIGURATION_DIRECTORY` are set by systemd from the unit's
+/// `StateDirectory=` and `ConfigurationDirectory=`.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("STATE_DIRECTORY", "store.state_dir"),
+    ("MESHKEEP_STATE_DIR", "store.state_dir"),
+    ("MESHKEEP_WORKERS", "runtime.workers"),
+    ("MESHKEEP_NODE_NAME", "node.name"),
+    ("MESHKEEP_NODE_ZONE", "node.zone"),
+    ("MESHKEEP_ADMIN_LISTEN", "admin.listen"),
+    ("MESHKEEP_LOG", "log.filter"),
+];
+
+/// The whole configuration. Its sections mirror the components.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub runtime: RuntimeConfig,
+    pub node: NodeConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+/// The Tokio runtime and process lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Worker threads: `"auto"` (one per available core) or a positive count.
+    pub workers: Workers,
+    /// How long a shutdown waits for open connections to finish before exiting anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { workers: Workers::Auto, drain_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Where this box sits: used for topology-aware routing and shown in status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The node name; the machine's host name when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    /// The zone (`topology.kubernetes.io/zone`) this box is in, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<Name>,
+}
+
+/// The admin HTTP endpoint (/live, /ready, /metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 4191)) }
+    }
+}
+
+/// The local store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The state directory (store file, identity material). Always set after loading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    /// The state directory; loading always resolves it.
+    pub fn state_dir(&self) -> &Path {
+        self.state_dir.as_deref().unwrap_or(Path::new(DEFAULT_STATE_DIR))
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `meshkeep=debug,kube=warn`.
+    pub filter: LogFilter,
+    /// Where logs go: `auto` (the journal when started by systemd, else stderr), `journald`
+    /// or `stderr`.
+    pub output: LogOutput,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: LogFilter("info".into()), output: LogOutput::Auto }
+    }
+}
+
+/// The number of runtime worker threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// One worker per core available to the process.
+    Auto,
+    Count(NonZeroUsize),
+}
+
+impl Workers {
+    /// The resolved worker count.
+    pub fn count(self) -> usize {
+        match self {
+            Workers::Count(n) => n.get(),
+            Workers::Auto => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        }
+    }
+}
+
+impl FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(Workers::Auto);
+        }
+        s.parse::<NonZeroUsize>()
+            .map(Workers::Count)
+            .map_err(|_| format!("expected \"auto\" or a positive number of workers, got {s:?}"))
+    }
+}
+
+impl Serialize for Workers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u64(n.get() as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Workers;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"auto\" or a positive number of workers")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Workers, E> {
+                usize::try_from(v)
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .map(Workers::Count)
+                    .ok_or_else(|| E::custom(format!("expected a positive number of workers, got {v}")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Workers, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Workers, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A span of time written as a number and a unit: `250ms`, `10s`, `5m`, `24h`, `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duration(std::time::Duration);
+
+impl Duration {
+    pub const fn from_secs(secs: u64) -> Self {
+        Self(std::time::Duration::from_secs(secs))
+    }
+
+    pub fn get(self) -> std::time::Duration {
+        self.0
+    }
+}
+
+impl FromStr for Duration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("expected a duration such as \"500ms\", \"10s\", \"5m\" or \"24h\", got {s:?}");
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let millis_per_unit: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        let millis = n.checked_mul(millis_per_unit).ok_or_else(|| format!("duration {s:?} is too long"))?;
+        Ok(Self(std::time::Duration::from_millis(millis)))
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            0 => f.write_str("0s"),
+            ms if ms % 86_400_000 == 0 => write!(f, "{}d", ms / 86_400_000),
+            ms if ms % 3_600_000 == 0 => write!(f, "{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => write!(f, "{}m", ms / 60_000),
+            ms if ms % 1_000 == 0 => write!(f, "{}s", ms / 1_000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+/// A non-empty name without whitespace or control characters (node names, zones).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Name(String);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Name {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() || s.len() > 253 {
+            return Err(format!("expected a name of 1 to 253 characters, got {s:?}"));
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("a name cannot contain spaces or control characters: {s:?}"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A validated `tracing` filter directive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFilter(String);
+
+impl LogFilter {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for LogFilter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        tracing_subscriber::EnvFilter::builder()
+            .parse(s)
+            .map(|_| Self(s.to_owned()))
+            .map_err(|e| format!("not a valid log filter ({e}): {s:?}"))
+    }
+}
+
+/// Where logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogOutput {
+    /// The journal when stderr is connected to it (systemd sets `JOURNAL_STREAM`), else stderr.
+    Auto,
+    Journald,
+    Stderr,
+}
+
+/// Implements string (de)serialisation through `FromStr` and `Display`/`as_str`.
+macro_rules! string_serde {
+    ($ty:ty, $to_string:expr) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let to_string: fn(&$ty) -> String = $to_string;
+                s.serialize_str(&to_string(self))
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+string_serde!(Duration, |d| d.to_string());
+string_serde!(Name, |n| n.0.clone());
+string_serde!(LogFilter, |l| l.0.clone());
+
+/// A configuration error. Each names where the bad value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration file named explicitly (flag or `MESHKEEP_CONFIG`) does not exist or
+    /// cannot be read.
+    #[error("{path}: cannot read configuration: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    /// The drop-in directory exists but cannot be listed.
+    #[error("{path}: cannot list drop-in directory: {source}")]
+    DropInDir { path: PathBuf, source: io::Error },
+    /// A file is not valid TOML, has an unknown key, or a key with a bad value.
+    #[error("{path}:{line}:{column}: {}{message}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+    File { path: PathBuf, line: usize, column: usize, key: Option<String>, message: String },
+    /// An environment override has a bad value.
+    #[error("environment variable {var} (overrides `{key}`): {message}")]
+    Env { var: String, key: String, message: String },
+}
+
+/// Where a configuration comes from: an optional explicit file plus the process environment.
+///
+/// Tests build one with [`Source::new`] instead of touching the real environment.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    explicit_file: Option<PathBuf>,
+    env: BTreeMap<String, String>,
+    hostname: Option<String>,
+    working_dir: PathBuf,
+}
+
+/// A loaded configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// The files read, in the order applied (main file first, then drop-ins).
+    pub files: Vec<PathBuf>,
+    /// True when no main configuration file exists and the built-in default is in force.
+    pub embedded: bool,
+    /// The environment variables that overrode a key.
+    pub env_overrides: Vec<String>,
+    /// What the service manager told the process, if it was started by one.
+    pub service_manager: ServiceManager,
+}
+
+/// What systemd passes a service through its environment.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceManager {
+    /// `NOTIFY_SOCKET`: where sd_notify messages go (`Type=notify`).
+    pub notify_socket: Option<String>,
+    /// Whether stderr is connected to the journal (`JOURNAL_STREAM` matches it).
+    pub stderr_is_journal: bool,
+}
+
+impl Source {
+    /// A source for tests: an explicit file (or none), an environment, and a working directory.
+    pub fn new(
+        explicit_file: Option<PathBuf>,
+        env: impl IntoIterator<Item = (String, String)>,
+        working_dir: PathBuf,
+    ) -> Self {
+        Self { explicit_file, env: env.into_iter().collect(), hostname: None, working_dir }
+    }
+
+    /// The source of a real process: its environment, host name and working directory.
+    pub fn from_process(explicit_file: Option<PathBuf>) -> Self {
+        let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok());
+        let working_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        Self { explicit_file, env: std::env::vars().collect(), hostname, working_dir }
+    }
+
+    /// Reads, merges and validates the configuration.
+    pub fn load(&self) -> Result<Loaded, Error> {
+        let (main_file, config_dir) = self.locate();
+        let mut files = Vec::new();
+        let mut merged = toml::Table::new();
+
+        if let Some(path) = &main_file {
+            merge(&mut merged, read_file(path)?);
+            files.push(path.clone());
+        }
+        for path in drop_ins(&config_dir.join(DROP_IN_DIR_NAME))? {
+            merge(&mut merged, read_file(&path)?);
+            files.push(path);
+        }
+
+        let mut env_overrides = Vec::new();
+        for (var, key) in ENV_OVERRIDES {
+            let Some(value) = self.env.get(*var) else { continue };
+            // systemd passes a colon-separated list when a unit names several directories.
+            let value = match *var {
+                "STATE_DIRECTORY" => value.split(':').next().unwrap_or_default(),
+                _ => value.as_str(),
+            };
+            set_key(&mut merged, key, toml::Value::String(value.to_owned()));
+            typed(&merged).map_err(|(_, message)| Error::Env {
+                var: (*var).to_owned(),
+                key: (*key).to_owned(),
+                message,
+            })?;
+            env_overrides.push((*var).to_owned());
+        }
+
+        let mut config = typed(&merged).map_err(|(key, message)| Error::File {
+            path: files.last().cloned().unwrap_or_default(),
+            line: 0,
+            column: 0,
+            key,
+            message,
+        })?;
+        self.resolve_defaults(&mut config, main_file.is_none());
+        let service_manager = ServiceManager {
+            notify_socket: self.env.get("NOTIFY_SOCKET").cloned(),
+            stderr_is_journal: self.stderr_is_journal(),
+        };
+        Ok(Loaded { config, files, embedded: main_file.is_none(), env_overrides, service_manager })
+    }
+
+    /// The main file (if any) and the directory whose `config.d/` holds drop-ins.
+    fn locate(&self) -> (Option<PathBuf>, PathBuf) {
+        let explicit = self.explicit_file.clone().or_else(|| self.env.get("MESHKEEP_CONFIG").map(PathBuf::from));
+        if let Some(file) = explicit {
+            let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+            return (Some(file), dir);
+        }
+        let dir = self
+            .env
+            .get("CONFIGURATION_DIRECTORY")
+            .and_then(|dirs| dirs.split(':').next())
+            .map_or_else(|| PathBuf::from(DEFAULT_CONFIG_DIR), PathBuf::from);
+        let file = dir.join(CONFIG_FILE_NAME);
+        (file.exists().then_some(file), dir)
+    }
+
+    fn resolve_defaults(&self, config: &mut Config, embedded: bool) {
+        if config.node.name.is_none() {
+            let host = self.hostname.as_deref().unwrap_or("localhost");
+            config.node.name = host.parse().ok();
+        }
+        let state_dir = config
+            .store
+            .state_dir
+            .take()
+            .unwrap_or_else(|| PathBuf::from(if embedded { EMBEDDED_STATE_DIR } else { DEFAULT_STATE_DIR }));
+        config.store.state_dir = Some(self.working_dir.join(state_dir));
+    }
+
+    /// Whether stderr is connected to the journal (systemd sets `JOURNAL_STREAM` to its
+    /// device and inode).
+    fn stderr_is_journal(&self) -> bool {
+        let Some(stream) = self.env.get("JOURNAL_STREAM") else { return false };
+        let Ok(stat) = nix::sys::stat::fstat(io::stderr()) else { return false };
+        stream == &format!("{}:{}", stat.st_dev, stat.st_ino)
+    }
+}
+
+impl Config {
+    /// The effective configuration as TOML (what `meshkeep config show` prints).
+    pub fn to_toml(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Reads one file, checks its syntax and that every key is known and well typed.
+fn read_file(path: &Path) -> Result<toml::Table, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+    let file_error = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| {
+        let (line, column) = span.map_or((0, 0), |s| position(&text, s.start));
+        Error::File { path: path.to_owned(), line, column, key, message }
+    };
+    let table: toml::Table = toml::from_str(&text).map_err(|e| file_error(e.span(), None, e.message().to_owned()))?;
+    let deserializer =
+        toml::Deserializer::parse(&text).map_err(|e| file_error(e.span(), None, e.message().to_owned()))?;
+    serde_path_to_error::deserialize::<_, Config>(deserializer).map_err(|e| {
+        let key = key_of(e.path());
+        file_error(e.inner().span(), key, e.inner().message().to_owned())
+    })?;
+    Ok(table)
+}
+
+/// The files in a drop-in directory ending in `.toml`, in lexical order.
+fn drop_ins(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(Error::DropInDir { path: dir.to_owned(), source }),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::DropInDir { path: dir.to_owned(), source })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|ext| ext == "toml") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Deserialises a merged table, returning the failing key path and message.
+fn typed(table: &toml::Table) -> Result<Config, (Option<String>, String)> {
+    let value = toml::Value::Table(table.clone());
+    serde_path_to_error::deserialize::<_, Config>(value).map_err(|e| {
+        let message = e.inner().to_string();
+        (key_of(e.path()), message)
+    })
+}
+
+/// The dotted key an error is about (serde_path_to_error includes an unknown key itself).
+fn key_of(path: &serde_path_to_error::Path) -> Option<String> {
+    let key = path.to_string();
+    (key != ".").then_some(key)
+}
+
+/// Merges `over` into `base`: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(over_table)) => merge(base_table, over_table),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Sets a dotted key in a table, creating intermediate tables.
+fn set_key(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().unwrap_or(dotted);
+    let mut current = table;
+    for part in parts {
+        let entry = current.entry(part).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else { unreachable!("replaced by a table just above") };
+        current = next;
+    }
+    current.insert(last.to_owned(), value);
+}
+
+/// The 1-based line and column of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source_with(files: &[(&str, &str)], env: &[(&str, &str)]) -> (tempfile::TempDir, Source) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        let source = Source::new(Some(dir.path().join("config.toml")), env, dir.path().to_owned());
+        (dir, source)
+    }
+
+    fn load_err(files: &[(&str, &str)], env: &[(&str, &str)]) -> String {
+        let (_dir, source) = source_with(files, env);
+        source.load().expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let (dir, source) = source_with(&[("config.toml", "")], &[]);
+        let loaded = source.load().expect("load");
+        assert_eq!(loaded.config.admin.listen, "127.0.0.1:4191".parse().unwrap());
+        assert_eq!(loaded.config.runtime.workers, Workers::Auto);
+        assert_eq!(loaded.config.runtime.drain_timeout, Duration::from_secs(10));
+        assert_eq!(loaded.config.store.state_dir(), dir.path().join(DEFAULT_STATE_DIR));
+        assert!(!loaded.embedded);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = load_err(&[("config.toml", "[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")], &[]);
+        assert!(err.contains("config.toml:3:1:"), "{err}");
+        assert!(err.contains("key `admin.lisen`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let err = load_err(&[("config.toml", "[nonsense]\na = 1\n")], &[]);
+        assert!(err.contains("config.toml:1:"), "{err}");
+        assert!(err.contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_its_line_and_key() {
+        let err = load_err(&[("config.toml", "[runtime]\n\nworkers = 0\n")], &[]);
+        assert!(err.contains("config.toml:3:"), "{err}");
+        assert!(err.contains("key `runtime.workers`"), "{err}");
+        let err = load_err(&[("config.toml", "[runtime]\ndrain_timeout = \"10 parsecs\"\n")], &[]);
+        assert!(err.contains("config.toml:2:"), "{err}");
+        assert!(err.contains("runtime.drain_timeout"), "{err}");
+        let err = load_err(&[("config.toml", "[admin]\nlisten = \"localhost\"\n")], &[]);
+        assert!(err.contains("config.toml:2:") && err.contains("admin.listen"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_its_line() {
+        let err = load_err(&[("config.toml", "[admin]\nlisten = \n")], &[]);
+        assert!(err.contains("config.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn drop_ins_override_in_lexical_order_and_are_checked() {
+        let (_dir, source) = source_with(
+            &[
+                ("config.toml", "[admin]\nlisten = \"127.0.0.1:1000\"\n[node]\nzone = \"a\"\n"),
+                ("config.d/20-late.toml", "[admin]\nlisten = \"127.0.0.1:3000\"\n"),
+                ("config.d/10-early.toml", "[admin]\nlisten = \"127.0.0.1:2000\"\n"),
+                ("config.d/README", "not toml, ignored"),
+            ],
+            &[],
+        );
+        let loaded = source.load().expect("load");
+        assert_eq!(loaded.config.admin.listen.port(), 3000);
+        assert_eq!(loaded.config.node.zone.as_ref().map(Name::as_str), Some("a"));
+        assert_eq!(loaded.files.len(), 3);
+
+        let err = load_err(&[("config.toml", ""), ("config.d/50-bad.toml", "[log]\nfilter = 3\n")], &[]);
+        assert!(err.contains("50-bad.toml:2:") && err.contains("log.filter"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_files_and_bad_values_name_the_variable() {
+        let (_dir, source) = source_with(
+            &[("config.toml", "[runtime]\nworkers = 2\n")],
+            &[("MESHKEEP_WORKERS", "3"), ("STATE_DIRECTORY", "/var/lib/a:/var/lib/b"), ("MESHKEEP_NODE_ZONE", "z1")],
+        );
+        let loaded = source.load().expect("load");
+        assert_eq!(loaded.config.runtime.workers.count(), 3);
+        assert_eq!(loaded.config.store.state_dir(), Path::new("/var/lib/a"));
+        assert_eq!(loaded.config.node.zone.map(|z| z.to_string()).as_deref(), Some("z1"));
+
+        let err = load_err(&[("config.toml", "")], &[("MESHKEEP_ADMIN_LISTEN", "nope")]);
+        assert!(err.contains("MESHKEEP_ADMIN_LISTEN") && err.contains("admin.listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = load_err(&[], &[]);
+        assert!(err.contains("config.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_toml() {
+        let (_dir, source) = source_with(
+            &[(
+                "config.toml",
+                "[runtime]\nworkers = 3\ndrain_timeout = \"1500ms\"\n[log]\nfilter = \"meshkeep=debug\"\n",
+            )],
+            &[],
+        );
+        let config = source.load().expect("load").config;
+        let again: Config = toml::from_str(&config.to_toml()).expect("reparse");
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn durations_parse_and_print() {
+        for (text, millis) in
+            [("250ms", 250), ("10s", 10_000), ("5m", 300_000), ("36h", 129_600_000), ("7d", 604_800_000)]
+        {
+            let d: Duration = text.parse().expect(text);
+            assert_eq!(d.get().as_millis(), millis);
+            assert_eq!(d.to_string(), text);
+        }
+        for bad in ["", "10", "s", "-1s", "1.5s", "10 s", "99999999999999999999d"] {
+            assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn position_counts_lines_and_columns_from_one() {
+        assert_eq!(position("ab\ncd", 0), (1, 1));
+        assert_eq!(position("ab\ncd", 4), (2, 2));
+    }
+}
