@@ -1,0 +1,40 @@
+# Shared helpers for meshkeep's scripts: stage timing and tool paths. Source, don't run.
+
+# Tools installed with pip (cargo-zigbuild, ziglang) land in the interpreter's scripts directory.
+PIP_SCRIPTS="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
+if [ -n "$PIP_SCRIPTS" ]; then export PATH="$PIP_SCRIPTS:$PATH"; fi
+export PATH="$HOME/.cargo/bin:$PATH"
+
+ARM_TARGETS=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
+declare -A QEMU_FOR=([aarch64-unknown-linux-musl]=qemu-aarch64-static [armv7-unknown-linux-musleabihf]=qemu-arm-static)
+
+STAGE_LOG=()
+
+# stage NAME COMMAND...: runs a command, printing how long it took; stops the run on failure.
+stage() {
+    local name=$1; shift
+    local start=$SECONDS
+    echo
+    echo "==> $name: $*"
+    if "$@"; then
+        STAGE_LOG+=("$(printf '%-16s %5ss  ok' "$name" $((SECONDS - start)))")
+        echo "<== $name: ok in $((SECONDS - start))s"
+    else
+        local rc=$?
+        STAGE_LOG+=("$(printf '%-16s %5ss  FAILED (exit %s)' "$name" $((SECONDS - start)) "$rc")")
+        echo "<== $name: FAILED (exit $rc) after $((SECONDS - start))s"
+        stage_summary
+        exit "$rc"
+    fi
+}
+
+stage_summary() {
+    echo
+    echo "stage            time  result"
+    printf '%s\n' "${STAGE_LOG[@]}"
+}
+
+# free_port: prints a loopback TCP port that was free a moment ago.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything meshkeep's checks need on a Debian 12 machine. Idempotent: a second run
+# installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+APT_PACKAGES=(curl file qemu-user-static iproute2 python3-pip)
+PIP_PACKAGES=(ziglang==0.17.1 cargo-zigbuild==0.24.1)
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "apt: installing ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust with rustup first" >&2
+    exit 1
+fi
+rustup component add rustfmt clippy rust-src
+rustup target add aarch64-unknown-linux-musl
+# armv7-unknown-linux-musleabihf has no prebuilt std here: scripts/build-arm.sh builds it from
+# rust-src with -Zbuild-std.
+
+if ! python3 -m pip show -q cargo-zigbuild >/dev/null 2>&1 || ! python3 -m pip show -q ziglang >/dev/null 2>&1; then
+    python3 -m pip install --quiet "${PIP_PACKAGES[@]}"
+fi
+command -v cargo-zigbuild >/dev/null || { echo "cargo-zigbuild is not on PATH after pip install" >&2; exit 1; }
+echo "setup: all tools present"

@@ -1,0 +1,189 @@
+//! Test harness: runs the real meshkeep binary as a child process on loopback ports.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Generous, because the suite also runs under qemu-user emulation.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The meshkeep binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_meshkeep")
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr")
+}
+
+/// A running meshkeep daemon in its own temporary directory.
+pub struct Daemon {
+    child: Child,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+/// How to start a daemon.
+pub struct DaemonBuilder {
+    config: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+impl DaemonBuilder {
+    /// Extra configuration appended to the generated file; `None` runs the embedded default.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    pub fn spawn(self) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = free_addr();
+        let mut command = Command::new(binary());
+        command
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MESHKEEP_LOG", "debug")
+            .env("MESHKEEP_ADMIN_LISTEN", admin.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::fs::File::create(dir.path().join("stdout.log")).expect("stdout log")))
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log")));
+        if let Some(extra) = &self.config {
+            let state = dir.path().join("state");
+            let path = dir.path().join("config.toml");
+            std::fs::write(&path, format!("[store]\nstate_dir = {:?}\n{extra}", state.display().to_string()))
+                .expect("write config");
+            command.arg("--config").arg(&path);
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command.arg("run");
+        let child = command.spawn().expect("spawn meshkeep");
+        Daemon { child, admin, dir }
+    }
+}
+
+impl Daemon {
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder { config: None, env: Vec::new() }
+    }
+
+    /// Starts a daemon with the given extra configuration and waits until /ready is 200.
+    pub fn start(config: &str) -> Daemon {
+        let mut daemon = Self::builder().config(config).spawn();
+        daemon.wait_ready();
+        daemon
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Polls /ready until it answers 200; panics with the daemon's log otherwise.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("meshkeep exited early with {status}\n{}", self.log());
+            }
+            if let Ok((200, _)) = http_get(self.admin, "/ready") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("meshkeep was not ready within {STARTUP_TIMEOUT:?}\n{}", self.log());
+    }
+
+    /// GET on the admin endpoint.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal meshkeep");
+    }
+
+    /// Waits for the process to exit, panicking after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("meshkeep did not exit within {timeout:?}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`, returning status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    parse_response(&response)
+}
+
+/// Splits a complete HTTP/1.1 response into status and body (Content-Length or close-delimited).
+pub fn parse_response(response: &str) -> std::io::Result<(u16, String)> {
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad response: {response:?}"));
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    Ok((status, body.to_owned()))
+}
+
+/// Runs the meshkeep binary with arguments in a directory, with a clean environment.
+pub fn meshkeep(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(binary())
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run meshkeep")
+}
+
+/// Whether a host tool exists; tests that need it fail loudly when it does not, because the
+/// test command installs it.
+pub fn require_tool(tool: &str) -> PathBuf {
+    let paths = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("{tool} is not installed; run the README's test command, which installs it"))
+}
