@@ -43,11 +43,12 @@ impl ProcessCollector {
     fn new() -> Self {
         use nix::unistd::{SysconfVar, sysconf};
         let start_time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        let sys = |var, default: i64| sysconf(var).ok().flatten().unwrap_or(default) as f64;
+        // c_long is 32 bits on armv7: widen through f64 rather than assume i64.
+        let sys = |var, default: f64| sysconf(var).ok().flatten().map_or(default, |v| v as f64);
         Self {
             start_time,
-            clock_ticks_per_second: sys(SysconfVar::CLK_TCK, 100),
-            page_size: sys(SysconfVar::PAGE_SIZE, 4096),
+            clock_ticks_per_second: sys(SysconfVar::CLK_TCK, 100.0),
+            page_size: sys(SysconfVar::PAGE_SIZE, 4096.0),
         }
     }
 }

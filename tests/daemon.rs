@@ -112,7 +112,8 @@ fn config_show_merges_file_drop_ins_and_environment() {
     std::fs::create_dir(dir.path().join("config.d")).unwrap();
     std::fs::write(dir.path().join("config.toml"), "[node]\nname = \"box-1\"\nzone = \"north\"\n").unwrap();
     std::fs::write(dir.path().join("config.d/10-zone.toml"), "[node]\nzone = \"south\"\n").unwrap();
-    let output = meshkeep(dir.path(), &["-c", "config.toml", "config", "show", "-o", "json"], &[("MESHKEEP_WORKERS", "5")]);
+    let output =
+        meshkeep(dir.path(), &["-c", "config.toml", "config", "show", "-o", "json"], &[("MESHKEEP_WORKERS", "5")]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let shown: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(shown["node"]["name"], "box-1");
