@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: /live, /ready and /metrics for operators and orchestrators.
+//! The admin HTTP endpoint: /live, /ready, /metrics, /status and /resolve for operators,
+//! orchestrators and the CLI.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +16,11 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::discovery::{self, Lookup};
 use crate::drain;
 use crate::readiness::Readiness;
+use crate::status::{self, ProcessInfo};
+use crate::store::Snapshots;
 
 /// At most this many admin connections are served at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 64;
@@ -30,11 +34,21 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub struct Admin {
     readiness: Arc<Readiness>,
     registry: Registry,
+    state: Option<State>,
+}
+
+/// The serving state behind /status and /resolve.
+#[derive(Debug)]
+pub struct State {
+    pub snapshots: Snapshots,
+    pub settings: discovery::Settings,
+    /// The static parts of the status report; readiness and store size are filled per request.
+    pub process: ProcessInfo,
 }
 
 impl Admin {
-    pub fn new(readiness: Arc<Readiness>, registry: Registry) -> Self {
-        Self { readiness, registry }
+    pub fn new(readiness: Arc<Readiness>, registry: Registry, state: Option<State>) -> Self {
+        Self { readiness, registry, state }
     }
 
     /// Answers one request. Only GET and HEAD are served.
@@ -61,8 +75,72 @@ impl Admin {
                     .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
                 response
             }
-            _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready or /metrics\n"),
+            "/status" => match &self.state {
+                Some(state) => {
+                    let mut process = state.process.clone();
+                    process.pending = self.readiness.pending().iter().map(|p| (*p).to_owned()).collect();
+                    process.ready = process.pending.is_empty();
+                    process.store_size_bytes = std::fs::metadata(&process.store_path).map_or(0, |m| m.len());
+                    let snapshot = state.snapshots.borrow().clone();
+                    json(&status::report(&snapshot, process, std::time::SystemTime::now()))
+                }
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "no state yet\n"),
+            },
+            "/resolve" => match &self.state {
+                Some(state) => resolve(state, request.uri().query().unwrap_or_default()),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "no state yet\n"),
+            },
+            _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /status or /resolve?name=\n"),
         }
+    }
+}
+
+/// `/resolve?name=api.shop` or `/resolve?addr=10.0.0.1:80`.
+fn resolve(state: &State, query: &str) -> Response<Full<Bytes>> {
+    let snapshot = state.snapshots.borrow().clone();
+    let param =
+        |key: &str| query.split('&').find_map(|pair| pair.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')));
+    let lookup: Lookup = if let Some(name) = param("name") {
+        discovery::resolve_name(&snapshot, &state.settings, &percent_decode(name))
+    } else if let Some(addr) = param("addr") {
+        match percent_decode(addr).parse() {
+            Ok(addr) => discovery::resolve_addr(&snapshot, &state.settings, addr),
+            Err(_) => return text(StatusCode::BAD_REQUEST, "addr must be IP:PORT\n"),
+        }
+    } else {
+        return text(StatusCode::BAD_REQUEST, "use /resolve?name=NAME or /resolve?addr=IP:PORT\n");
+    };
+    json(&lookup)
+}
+
+/// Decodes %XX escapes; malformed escapes are kept as they are.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b)))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => {
+            let mut response = text(StatusCode::OK, body);
+            response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render: {e}\n")),
     }
 }
 
@@ -141,7 +219,7 @@ mod tests {
     async fn ready_reports_pending_gates_until_they_open() {
         let readiness = Readiness::new();
         let gate = readiness.gate("listeners");
-        let admin = Admin::new(Arc::clone(&readiness), Registry::default());
+        let admin = Admin::new(Arc::clone(&readiness), Registry::default(), None);
         let (status, body) = get(&admin, Method::GET, "/ready").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("listeners"), "{body}");
@@ -152,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_paths_and_methods_are_refused() {
-        let admin = Admin::new(Readiness::new(), Registry::default());
+        let admin = Admin::new(Readiness::new(), Registry::default(), None);
         assert_eq!(get(&admin, Method::GET, "/nope").await.0, StatusCode::NOT_FOUND);
         assert_eq!(get(&admin, Method::POST, "/live").await.0, StatusCode::METHOD_NOT_ALLOWED);
     }

@@ -4,6 +4,7 @@
 //! Architecture Invariant: this is the only module that builds the runtime and spawns
 //! long-lived tasks; components expose `async fn`s and `app` decides where they run.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,9 +14,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin::{self, Admin};
 use crate::config::{Config, Loaded};
+use crate::model::SourceId;
 use crate::readiness::Readiness;
+use crate::status::ProcessInfo;
+use crate::store::{self, Update};
 use crate::systemd::Notifier;
-use crate::{drain, metrics};
+use crate::upstream::{link, local};
+use crate::{discovery, drain, metrics};
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains.
 pub fn run(loaded: Loaded) -> anyhow::Result<()> {
@@ -43,20 +48,76 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
 
     let readiness = Readiness::new();
     let listeners_ready = readiness.gate("listeners");
-    let registry = metrics::registry();
-
+    let store_ready = readiness.gate("store");
+    let mut registry = metrics::registry();
     let (drain_signal, drain_watch) = drain::channel();
+
+    // The last complete snapshot is loaded before anything serves.
+    let store::Opened { writer, updates, snapshots, quarantined } =
+        store::open(state_dir, config.store.flush_interval.get()).context("cannot open the store")?;
+    if let Some(q) = &quarantined {
+        tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "the store was damaged: moved aside, every source is unknown until it syncs again");
+    }
+    let store_path = writer.path().to_owned();
+    writer.metrics().register(&mut registry, snapshots.clone(), store_path.clone());
+    {
+        let snapshot = snapshots.borrow().clone();
+        tracing::info!(objects = snapshot.object_count(), sources = snapshot.sources().count(), "store loaded");
+        let configured = configured_sources(&config);
+        for (source, _) in snapshot.sources() {
+            if !configured.contains(source) {
+                updates.send(Update::Forget { source: source.clone() }).await?;
+            }
+        }
+    }
+    tokio::spawn(writer.run(drain_watch.clone()));
+    store_ready.open();
+
+    if let Some(path) = &config.upstream.local.path {
+        let source = local::LocalSource {
+            path: path.clone(),
+            poll_interval: config.upstream.local.poll_interval.get(),
+            names: local::IdentityObjectNames {
+                namespace: config.identity.control_plane_namespace.clone(),
+                ..local::IdentityObjectNames::default()
+            },
+        };
+        tracing::info!(path = %path.display(), "local manifests: watching");
+        tokio::spawn(local::run(source, updates.clone(), drain_watch.clone()));
+    }
+    for (name, link_config) in &config.upstream.links {
+        tokio::spawn(link::run(name.to_string(), link_config.clone(), updates.clone(), drain_watch.clone()));
+    }
+    drop(updates);
+
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin: cannot listen on {}", config.admin.listen))?;
-    let admin = Arc::new(Admin::new(Arc::clone(&readiness), registry));
+    let admin_state = admin::State {
+        snapshots: snapshots.clone(),
+        settings: discovery::Settings::from_config(&config),
+        process: ProcessInfo {
+            node: config.node.name.as_ref().map(ToString::to_string).unwrap_or_default(),
+            zone: config.node.zone.as_ref().map(ToString::to_string),
+            store_path: store_path.display().to_string(),
+            store_quarantined: quarantined.map(|q| format!("{} ({})", q.moved_to.display(), q.reason)),
+            ..ProcessInfo::default()
+        },
+    };
+    let admin = Arc::new(Admin::new(Arc::clone(&readiness), registry, Some(admin_state)));
     tokio::spawn(admin::serve(admin_listener, admin, drain_watch.clone()));
-    tracing::info!(addr = %config.admin.listen, "admin: serving /live /ready /metrics");
+    tracing::info!(addr = %config.admin.listen, "admin: serving /live /ready /metrics /status /resolve");
 
     listeners_ready.open();
     readiness.wait().await;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
-    notifier.ready(&format!("serving; admin on {}", config.admin.listen));
+    let snapshot = snapshots.borrow().clone();
+    notifier.ready(&format!(
+        "serving {} objects from {} sources; admin on {}",
+        snapshot.object_count(),
+        snapshot.sources().count(),
+        config.admin.listen
+    ));
 
     wait_for_shutdown().await?;
 
@@ -73,6 +134,16 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The sources the configuration names; stored data of any other source is dropped.
+fn configured_sources(config: &Config) -> BTreeSet<SourceId> {
+    let mut sources: BTreeSet<SourceId> =
+        config.upstream.links.keys().map(|name| SourceId::Link(name.to_string())).collect();
+    if config.upstream.local.path.is_some() {
+        sources.insert(SourceId::Local);
+    }
+    sources
 }
 
 /// Waits for SIGTERM or SIGINT. SIGHUP is logged: reloading arrives with the reload work,

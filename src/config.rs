@@ -27,6 +27,11 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshkeep";
 /// State directory of the embedded default (no configuration file at all), relative to the
 /// working directory so that a newcomer's first run needs no root.
 pub const EMBEDDED_STATE_DIR: &str = ".meshkeep";
+/// The manifest folder inside a configuration directory.
+pub const MANIFESTS_DIR_NAME: &str = "manifests";
+/// The manifest folder of the built-in default, relative to the working directory: the example
+/// site shipped in the repository.
+pub const EMBEDDED_MANIFESTS: &str = "examples/site";
 
 /// Environment variables that override one key each, applied in this order (later wins).
 ///
@@ -50,6 +55,9 @@ pub struct Config {
     pub node: NodeConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
+    pub upstream: UpstreamConfig,
+    pub discovery: DiscoveryConfig,
+    pub identity: IdentityConfig,
     pub log: LogConfig,
 }
 
@@ -95,12 +103,242 @@ impl Default for AdminConfig {
 }
 
 /// The local store.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// The state directory (store file, identity material). Always set after loading.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    /// Changes are committed to disk at most this often (bounds flash wear).
+    pub flush_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { state_dir: None, flush_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Where objects come from: a local manifest folder and upstream cluster links.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub local: LocalConfig,
+    /// Upstream Kubernetes clusters, by link name.
+    pub links: BTreeMap<LinkName, LinkConfig>,
+}
+
+/// The local manifest folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// The folder of YAML manifests. When unset: `manifests/` in the configuration directory
+    /// (or `examples/site` under the built-in default) if it exists; otherwise no local source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// How often the folder is checked for changes.
+    pub poll_interval: Duration,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self { path: None, poll_interval: Duration::from_secs(2) }
+    }
+}
+
+/// A link name: a DNS label, because mirrored services are named `<service>-<link>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LinkName(String);
+
+impl LinkName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LinkName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for LinkName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-');
+        if valid { Ok(Self(s.to_owned())) } else { Err(format!("link name {s:?} must be a DNS label (a-z, 0-9, '-')")) }
+    }
+}
+
+/// How a link's services are named locally.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkMode {
+    /// Served as `<service>-<link>` (Linkerd's multicluster convention), and under the plain
+    /// name when no local or federated source has that service.
+    #[default]
+    Mirror,
+    /// Merged into the plain name with the local source and other federated links.
+    Federated,
+}
+
+/// One upstream Kubernetes cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawLinkConfig", into = "RawLinkConfig")]
+pub struct LinkConfig {
+    pub access: LinkAccess,
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    pub mode: LinkMode,
+    /// Where the identity issuer Secret and trust-roots ConfigMap live.
+    pub control_plane_namespace: String,
+    pub issuer_secret: String,
+    pub trust_roots_configmap: String,
+    /// Objects per list page.
+    pub page_size: u32,
+}
+
+/// How to reach and authenticate to a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkAccess {
+    Kubeconfig { path: PathBuf, context: Option<String> },
+    Server { url: String, token_file: Option<PathBuf>, ca_file: Option<PathBuf> },
+}
+
+/// The file form of a link, checked into [`LinkConfig`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLinkConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kubeconfig: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    context: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    mode: LinkMode,
+    #[serde(default = "default_control_plane_namespace")]
+    control_plane_namespace: String,
+    #[serde(default = "default_issuer_secret")]
+    issuer_secret: String,
+    #[serde(default = "default_trust_roots")]
+    trust_roots_configmap: String,
+    #[serde(default = "default_page_size")]
+    page_size: u32,
+}
+
+fn default_control_plane_namespace() -> String {
+    "linkerd".into()
+}
+fn default_issuer_secret() -> String {
+    "linkerd-identity-issuer".into()
+}
+fn default_trust_roots() -> String {
+    "linkerd-identity-trust-roots".into()
+}
+fn default_page_size() -> u32 {
+    500
+}
+
+impl TryFrom<RawLinkConfig> for LinkConfig {
+    type Error = String;
+
+    fn try_from(raw: RawLinkConfig) -> Result<Self, Self::Error> {
+        let access = match (raw.kubeconfig, raw.server) {
+            (Some(path), None) => {
+                if raw.token_file.is_some() || raw.ca_file.is_some() {
+                    return Err("token_file and ca_file go with server, not with kubeconfig".into());
+                }
+                LinkAccess::Kubeconfig { path, context: raw.context }
+            }
+            (None, Some(url)) => {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(format!("server {url:?} must be an http:// or https:// URL"));
+                }
+                if raw.context.is_some() {
+                    return Err("context goes with kubeconfig, not with server".into());
+                }
+                LinkAccess::Server { url, token_file: raw.token_file, ca_file: raw.ca_file }
+            }
+            (Some(_), Some(_)) => return Err("a link takes either kubeconfig or server, not both".into()),
+            (None, None) => return Err("a link needs kubeconfig = \"PATH\" or server = \"https://...\"".into()),
+        };
+        if raw.page_size == 0 {
+            return Err("page_size must be at least 1".into());
+        }
+        Ok(Self {
+            access,
+            namespaces: raw.namespaces,
+            mode: raw.mode,
+            control_plane_namespace: raw.control_plane_namespace,
+            issuer_secret: raw.issuer_secret,
+            trust_roots_configmap: raw.trust_roots_configmap,
+            page_size: raw.page_size,
+        })
+    }
+}
+
+impl From<LinkConfig> for RawLinkConfig {
+    fn from(link: LinkConfig) -> Self {
+        let (kubeconfig, context, server, token_file, ca_file) = match link.access {
+            LinkAccess::Kubeconfig { path, context } => (Some(path), context, None, None, None),
+            LinkAccess::Server { url, token_file, ca_file } => (None, None, Some(url), token_file, ca_file),
+        };
+        Self {
+            kubeconfig,
+            context,
+            server,
+            token_file,
+            ca_file,
+            namespaces: link.namespaces,
+            mode: link.mode,
+            control_plane_namespace: link.control_plane_namespace,
+            issuer_secret: link.issuer_secret,
+            trust_roots_configmap: link.trust_roots_configmap,
+            page_size: link.page_size,
+        }
+    }
+}
+
+/// Discovery: how mesh names are formed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// The cluster DNS domain (`svc.ns.svc.<cluster_domain>`).
+    pub cluster_domain: String,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self { cluster_domain: "cluster.local".into() }
+    }
+}
+
+/// Identity naming (Linkerd-compatible).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// The trust domain in identity names and SPIFFE IDs.
+    pub trust_domain: String,
+    /// The control-plane namespace in identity names.
+    pub control_plane_namespace: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self { trust_domain: "cluster.local".into(), control_plane_namespace: "linkerd".into() }
+    }
 }
 
 impl StoreConfig {
@@ -325,6 +563,7 @@ macro_rules! string_serde {
 string_serde!(Duration, |d| d.to_string());
 string_serde!(Name, |n| n.0.clone());
 string_serde!(LogFilter, |l| l.0.clone());
+string_serde!(LinkName, |l| l.0.clone());
 
 /// A configuration error. Each names where the bad value came from.
 #[derive(Debug, thiserror::Error)]
@@ -434,7 +673,7 @@ impl Source {
             key,
             message,
         })?;
-        self.resolve_defaults(&mut config, main_file.is_none());
+        self.resolve_defaults(&mut config, main_file.is_none(), &config_dir);
         let service_manager = ServiceManager {
             notify_socket: self.env.get("NOTIFY_SOCKET").cloned(),
             stderr_is_journal: self.stderr_is_journal(),
@@ -458,7 +697,7 @@ impl Source {
         (file.exists().then_some(file), dir)
     }
 
-    fn resolve_defaults(&self, config: &mut Config, embedded: bool) {
+    fn resolve_defaults(&self, config: &mut Config, embedded: bool, config_dir: &Path) {
         if config.node.name.is_none() {
             let host = self.hostname.as_deref().unwrap_or("localhost");
             config.node.name = host.parse().ok();
@@ -469,6 +708,17 @@ impl Source {
             .take()
             .unwrap_or_else(|| PathBuf::from(if embedded { EMBEDDED_STATE_DIR } else { DEFAULT_STATE_DIR }));
         config.store.state_dir = Some(self.working_dir.join(state_dir));
+        config.upstream.local.path = match config.upstream.local.path.take() {
+            Some(path) => Some(self.working_dir.join(path)),
+            None => {
+                let candidate = if embedded {
+                    self.working_dir.join(EMBEDDED_MANIFESTS)
+                } else {
+                    config_dir.join(MANIFESTS_DIR_NAME)
+                };
+                candidate.is_dir().then_some(candidate)
+            }
+        };
     }
 
     /// Whether stderr is connected to the journal (systemd sets `JOURNAL_STREAM` to its

@@ -1,15 +1,21 @@
 //! meshkeep: a service-mesh node for the edge that keeps serving while its upstream is gone.
 //!
-//! The modules follow the data flow: `config` is read once at the edge, `app` wires the
-//! components and owns every long-lived task, and the serving components (`admin` today;
-//! discovery, identity, proxy and DNS as they land) read only their own config section.
+//! The modules follow the data flow: `upstream` sources report to the `store`, which persists
+//! them and publishes immutable snapshots; `discovery` answers lookups over a snapshot; `admin`
+//! and the `cli` show it. `config` is read once at the edge and `app` wires the components and
+//! owns every long-lived task.
 
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod drain;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod readiness;
+pub mod status;
+pub mod store;
 pub mod systemd;
+pub mod upstream;

@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Source};
 
+mod cache;
+mod client;
+
 /// Exit status for a configuration that cannot be used (sysexits' EX_CONFIG). The systemd unit
 /// lists it in RestartPreventExitStatus= so a bad config does not restart in a loop.
 pub const EXIT_CONFIG: u8 = 78;
@@ -34,6 +37,41 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Look up a mesh name (svc.ns[.svc.cluster.local]) or an IP:PORT: the service, its
+    /// endpoints and their identities. Works from the store file when the daemon is stopped.
+    Resolve {
+        /// A name such as api.shop or api-east.shop.svc.cluster.local, or 10.0.0.1:80.
+        target: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Inspect, export or import the local store.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// What the store holds: sources, their state, object counts, unknown kinds.
+    Show {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Write the store's contents to a checksummed file (mode 0600: it carries the issuer key).
+    /// Reads the store file, so the daemon must be stopped.
+    Export { file: PathBuf },
+    /// Load a file written by `cache export` into the store (the daemon must be stopped).
+    /// A damaged file is refused as a whole.
+    Import { file: PathBuf },
+}
+
+/// Output of read commands.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +111,14 @@ pub fn main(cli: Cli) -> ExitCode {
             Ok(())
         }
         Command::Config { command: ConfigCommand::Show { output } } => config_show(&loaded, output),
+        Command::Resolve { target, output } => match cache::resolve(&loaded.config, &target, output) {
+            Ok(0) => Ok(()),
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
+        Command::Cache { command: CacheCommand::Show { output } } => cache::show(&loaded.config, output),
+        Command::Cache { command: CacheCommand::Export { file } } => cache::export(&loaded.config, &file),
+        Command::Cache { command: CacheCommand::Import { file } } => cache::import(&loaded.config, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

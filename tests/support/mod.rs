@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod fake_kube;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
