@@ -583,11 +583,11 @@ fn resolve(path: &str) -> Route<'_> {
             _ => Route::NotFound,
         },
         ["namespaces", namespace, plural, name] => match find(plural) {
-            Some(rt) if rt.namespaced => Route::Object { rt, namespace: Some(*namespace), name: name },
+            Some(rt) if rt.namespaced => Route::Object { rt, namespace: Some(*namespace), name },
             _ => Route::NotFound,
         },
         [plural, name] => match find(plural) {
-            Some(rt) if !rt.namespaced => Route::Object { rt, namespace: None, name: name },
+            Some(rt) if !rt.namespaced => Route::Object { rt, namespace: None, name },
             _ => Route::NotFound,
         },
         _ => Route::NotFound,
