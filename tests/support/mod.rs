@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod fake_kube;
+pub mod objects;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,6 +33,8 @@ pub struct Daemon {
     child: Child,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
+    config_path: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 /// How to start a daemon.
@@ -55,28 +58,40 @@ impl DaemonBuilder {
     pub fn spawn(self) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin = free_addr();
-        let mut command = Command::new(binary());
-        command
-            .current_dir(dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("MESHKEEP_LOG", "debug")
-            .env("MESHKEEP_ADMIN_LISTEN", admin.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(std::fs::File::create(dir.path().join("stdout.log")).expect("stdout log")))
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log")));
-        if let Some(extra) = &self.config {
+        let config_path = self.config.as_ref().map(|extra| {
             let state = dir.path().join("state");
             let path = dir.path().join("config.toml");
-            std::fs::write(&path, format!("[store]\nstate_dir = {:?}\n{extra}", state.display().to_string()))
-                .expect("write config");
-            command.arg("--config").arg(&path);
-        }
-        command.envs(self.env.iter().map(|(k, v)| (k, v)));
-        command.arg("run");
-        let child = command.spawn().expect("spawn meshkeep");
-        Daemon { child, admin, dir }
+            std::fs::write(
+                &path,
+                format!("[store]\nstate_dir = {:?}\nflush_interval = \"100ms\"\n{extra}", state.display().to_string()),
+            )
+            .expect("write config");
+            path
+        });
+        let child = launch(dir.path(), admin, config_path.as_deref(), &self.env);
+        Daemon { child, admin, dir, config_path, env: self.env }
     }
+}
+
+/// Starts `meshkeep run` in `dir` with a clean environment and logs in `dir/stderr.log`.
+fn launch(dir: &Path, admin: SocketAddr, config: Option<&Path>, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log")).expect("stderr log");
+    let mut command = Command::new(binary());
+    command
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MESHKEEP_LOG", "debug,kube=info,hyper=info")
+        .env("MESHKEEP_ADMIN_LISTEN", admin.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    if let Some(path) = config {
+        command.arg("--config").arg(path);
+    }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+    command.arg("run");
+    command.spawn().expect("spawn meshkeep")
 }
 
 impl Daemon {
@@ -89,6 +104,25 @@ impl Daemon {
         let mut daemon = Self::builder().config(config).spawn();
         daemon.wait_ready();
         daemon
+    }
+
+    /// Starts the daemon again in the same directory with the same configuration (the
+    /// previous process must have exited or been killed).
+    pub fn respawn(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = launch(self.dir.path(), self.admin, self.config_path.as_deref(), &self.env);
+    }
+
+    /// Kills the daemon with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The configuration file, if the daemon has one.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
     }
 
     pub fn pid(&self) -> Pid {
@@ -188,4 +222,52 @@ pub fn require_tool(tool: &str) -> PathBuf {
         .map(|dir| dir.join(tool))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| panic!("{tool} is not installed; run the README's test command, which installs it"))
+}
+
+impl Daemon {
+    /// `/resolve?name=` as JSON.
+    pub fn resolve(&self, name: &str) -> serde_json::Value {
+        let (status, body) = self.get(&format!("/resolve?name={name}"));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("resolve JSON")
+    }
+
+    /// `/status` as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (status, body) = self.get("/status");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    /// Polls `condition` until it holds, panicking with `what` and the log after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut condition: impl FnMut(&Daemon) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if condition(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out after {timeout:?} waiting for: {what}\n{}", self.log());
+    }
+
+    /// The state directory the harness configured.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+/// Endpoint addresses of a `/resolve` answer, sorted; `None` when not found or unknown.
+pub fn endpoint_ips(lookup: &serde_json::Value) -> Option<Vec<String>> {
+    if lookup["result"] != "found" {
+        return None;
+    }
+    let mut ips: Vec<String> = lookup["endpoints"]
+        .as_array()?
+        .iter()
+        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    ips.sort();
+    Some(ips)
 }
