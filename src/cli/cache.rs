@@ -108,7 +108,7 @@ fn render_lookup(target: &str, lookup: &Lookup) -> String {
         };
         let _ = writeln!(
             out,
-            "  port        {} {}/{:?} -> {}",
+            "  port        {} {}/{} -> {}",
             port.name.as_deref().unwrap_or("-"),
             port.port,
             port.protocol,
