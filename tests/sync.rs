@@ -187,7 +187,7 @@ fn kill_9_during_large_syncs_never_leaves_a_half_applied_relist() {
     for i in 0..LARGE {
         kube.apply(service("bulk", &name(i), &ip(i), 80));
     }
-    let rounds: usize = std::env::var("MESHKEEP_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let rounds: usize = std::env::var("MESHKEEP_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let mut daemon = Daemon::builder().config(&link_config("east", &kube, "federated")).spawn();
     let config = daemon.config_path().expect("config").display().to_string();
     let (mut previous, mut current) = (None, LARGE);
@@ -332,4 +332,47 @@ fn cache_export_and_import_carry_a_snapshot_to_a_box_that_was_never_online() {
     offline.respawn();
     offline.wait_ready();
     assert_eq!(ips(&offline, "api.shop"), Some(vec!["10.1.0.1".into()]));
+}
+
+#[test]
+fn a_link_limited_to_namespaces_sees_only_those() {
+    let kube = shop_cluster();
+    kube.apply(service("other", "hidden", "10.96.1.1", 80));
+    let config = format!("{}namespaces = [\"shop\"]\n", link_config("east", &kube, "federated"));
+    let daemon = start_with(&config);
+    daemon.wait_for("shop synced", SYNC, |d| ips(d, "api.shop").is_some());
+    assert_eq!(daemon.resolve("hidden.other")["result"], "not_found");
+    let requests = kube.requests();
+    assert!(requests.iter().any(|r| r.path == "/api/v1/namespaces/shop/services"), "{requests:?}");
+    assert!(!requests.iter().any(|r| r.path == "/api/v1/services"), "must not list all namespaces: {requests:?}");
+}
+
+#[test]
+fn a_link_by_server_url_and_token_file_authenticates() {
+    let kube = shop_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, support::fake_kube::TOKEN).unwrap();
+    let config = format!(
+        "[upstream.links.east]\nserver = {:?}\ntoken_file = {:?}\nmode = \"federated\"\n",
+        kube.url(),
+        token.display().to_string()
+    );
+    let daemon = start_with(&config);
+    daemon.wait_for("synced with the token", SYNC, |d| ips(d, "api.shop").is_some());
+
+    // A wrong token is refused by the server: reported, and nothing is invented.
+    let bad = tempfile::tempdir().unwrap();
+    let bad_token = bad.path().join("token");
+    std::fs::write(&bad_token, "wrong").unwrap();
+    let config = format!(
+        "[upstream.links.east]\nserver = {:?}\ntoken_file = {:?}\nmode = \"federated\"\n",
+        kube.url(),
+        bad_token.display().to_string()
+    );
+    let refused = start_with(&config);
+    refused.wait_for("401 reported", SYNC, |d| {
+        d.status()["sources"][0]["last_error"].as_str().is_some_and(|e| e.contains("401") || e.contains("Unauthorized"))
+    });
+    assert_eq!(refused.resolve("api.shop")["result"], "unknown");
 }

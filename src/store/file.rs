@@ -96,19 +96,10 @@ impl StoreFile {
 
     fn open_existing(path: &Path) -> Result<(StoreFile, BTreeMap<SourceId, SourceView>), Error> {
         let corrupt = |reason: String| Error::Corrupt { path: path.to_owned(), reason };
-        let db = if path.exists() {
-            Database::builder().open(path).map_err(|e| classify_open_error(path, e))?
-        } else {
-            // Created 0600: the store holds the identity issuer's private key.
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|source| Error::Io { path: path.to_owned(), source })?;
-            Database::builder().create_file(file).map_err(|e| classify_open_error(path, e))?
-        };
+        if !path.exists() {
+            create(path)?;
+        }
+        let db = Database::builder().open(path).map_err(|e| classify_open_error(path, e))?;
         let file = StoreFile { db: Arc::new(db), path: path.to_owned() };
         file.check_schema()?;
         let sources = file.load().map_err(|e| match e {
@@ -254,6 +245,25 @@ impl StoreFile {
     pub fn size_on_disk(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
+}
+
+/// Creates an empty store with its schema under a temporary name and renames it into place,
+/// so a crash during creation never leaves a half-written store behind.
+fn create(path: &Path) -> Result<(), Error> {
+    let io = |source| Error::Io { path: path.to_owned(), source };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    // Created 0600: the store holds the identity issuer's private key.
+    let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+    let db = Database::builder().create_file(file).map_err(|e| classify_open_error(&tmp, e))?;
+    StoreFile { db: Arc::new(db), path: tmp.clone() }.check_schema()?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Opening errors: corruption is quarantined, anything else (permissions, another process

@@ -39,12 +39,19 @@ pub enum Error {
         "{path}: store schema version {found} is newer than this meshkeep supports ({supported}); upgrade meshkeep or move the file away"
     )]
     NewerSchema { path: PathBuf, found: u32, supported: u32 },
+    /// There is no store file yet.
+    #[error("{path}: no store yet (the daemon has not run with this state directory)")]
+    Missing { path: PathBuf },
     /// Another process (usually the running daemon) holds the store.
     #[error("{path}: store is in use by another process (is the meshkeep daemon running?)")]
     Locked { path: PathBuf },
     /// The file or its directory cannot be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A transaction could not be committed (disk full, I/O error). Retryable.
     #[error("{path}: cannot write store: {reason}")]
     Write { path: PathBuf, reason: String },
@@ -161,7 +168,7 @@ pub fn open(state_dir: &Path, flush_interval: Duration) -> Result<Opened, Error>
 pub fn read(state_dir: &Path) -> Result<(Snapshot, PathBuf, u64), Error> {
     let path = state_dir.join(FILE_NAME);
     if !path.exists() {
-        return Err(Error::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+        return Err(Error::Missing { path });
     }
     let opened = StoreFile::open(&path)?;
     if let Some(q) = &opened.quarantined {
