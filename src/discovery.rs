@@ -308,7 +308,7 @@ fn resolve_endpoint(
         _ => None,
     });
     let identity = pod
-        .filter(|p| MESHED_LABELS.iter().any(|l| p.labels.get(*l).is_some_and(|v| !v.is_empty() && v != "false")))
+        .filter(|p| MESHED_LABELS.iter().any(|l| p.labels.get(l).is_some_and(|v| !v.is_empty() && v != "false")))
         .map(|p| settings.identity_name(&p.meta.namespace, &p.service_account));
     ResolvedEndpoint {
         source: source.to_string(),

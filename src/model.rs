@@ -267,7 +267,32 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     pub service_account: String,
     pub node_name: Option<String>,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
+}
+
+/// Labels as a sorted list: most pods carry a handful, and a map node per pod would cost
+/// hundreds of bytes each at 100,000 pods.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok().map(|i| self.0[i].1.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let mut labels: Vec<(String, String)> = iter.into_iter().collect();
+        labels.sort();
+        labels.dedup_by(|a, b| a.0 == b.0);
+        labels.shrink_to_fit();
+        Self(labels)
+    }
 }
 
 /// SMI TrafficSplit (split.smi-spec.io/v1alpha4): weights over backend services.

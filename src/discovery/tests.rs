@@ -1,5 +1,3 @@
-use std::collections::BTreeMap;
-
 use super::*;
 use crate::model::{self, Protocol, TargetPort};
 use crate::store::SourceView;
@@ -59,10 +57,7 @@ fn slice(ns: &str, svc: &str, ips_and_pods: &[(&str, Option<&str>)]) -> Object {
 }
 
 fn pod(ns: &str, name: &str, sa: &str, meshed: bool) -> Object {
-    let mut labels = BTreeMap::new();
-    if meshed {
-        labels.insert("linkerd.io/control-plane-ns".to_owned(), "linkerd".to_owned());
-    }
+    let labels = meshed.then(|| ("linkerd.io/control-plane-ns".to_owned(), "linkerd".to_owned())).into_iter().collect();
     Object::Pod(model::Pod {
         meta: ObjectRef::new(ns, name),
         ips: vec![],

@@ -99,7 +99,7 @@ impl StoreFile {
         if !path.exists() {
             create(path)?;
         }
-        let db = Database::builder().open(path).map_err(|e| classify_open_error(path, e))?;
+        let db = builder().open(path).map_err(|e| classify_open_error(path, e))?;
         let file = StoreFile { db: Arc::new(db), path: path.to_owned() };
         file.check_schema()?;
         let sources = file.load().map_err(|e| match e {
@@ -247,6 +247,16 @@ impl StoreFile {
     }
 }
 
+/// redb's page cache defaults to 1 GiB, which it fills while the store is loaded at boot. The
+/// snapshot lives in memory anyway, so the cache only needs to serve commits.
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
+
+fn builder() -> redb::Builder {
+    let mut builder = Database::builder();
+    builder.set_cache_size(CACHE_BYTES);
+    builder
+}
+
 /// Creates an empty store with its schema under a temporary name and renames it into place,
 /// so a crash during creation never leaves a half-written store behind.
 fn create(path: &Path) -> Result<(), Error> {
@@ -257,7 +267,7 @@ fn create(path: &Path) -> Result<(), Error> {
     let _ = std::fs::remove_file(&tmp);
     // Created 0600: the store holds the identity issuer's private key.
     let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
-    let db = Database::builder().create_file(file).map_err(|e| classify_open_error(&tmp, e))?;
+    let db = builder().create_file(file).map_err(|e| classify_open_error(&tmp, e))?;
     StoreFile { db: Arc::new(db), path: tmp.clone() }.check_schema()?;
     std::fs::rename(&tmp, path).map_err(io)?;
     if let Some(dir) = path.parent() {

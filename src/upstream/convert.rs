@@ -226,7 +226,7 @@ pub fn pod(pod: &wire::Pod) -> Result<model::Pod, Invalid> {
         ips,
         service_account,
         node_name: pod.spec.node_name.clone(),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: pod.metadata.labels.clone().unwrap_or_default().into_iter().collect(),
     })
 }
 
@@ -538,7 +538,7 @@ mod tests {
         let pod = super::pod(&pod).expect("converts");
         assert_eq!(pod.service_account, "api-sa");
         assert_eq!(pod.ips.len(), 2);
-        assert_eq!(pod.labels.get("app").map(String::as_str), Some("api"));
+        assert_eq!(pod.labels.get("app"), Some("api"));
     }
 
     #[test]
