@@ -129,7 +129,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let commit = runtime.block_on(async {
         let opened = store::open(&state, Duration::from_secs(3600)).expect("open store");
-        let (_signal, watch) = drain::channel();
+        let (signal, watch) = drain::channel();
         let writer = tokio::spawn(opened.writer.run(watch));
         let started = Instant::now();
         for (kind, objects) in generated {
@@ -143,7 +143,7 @@ fn main() {
             };
             opened.updates.send(update).await.expect("send");
         }
-        drop(opened.updates);
+        signal.drain().await;
         writer.await.expect("writer");
         started.elapsed()
     });

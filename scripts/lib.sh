@@ -3,7 +3,7 @@
 # Tools installed with pip (cargo-zigbuild, ziglang) land in the interpreter's scripts directory.
 PIP_SCRIPTS="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
 if [ -n "$PIP_SCRIPTS" ]; then export PATH="$PIP_SCRIPTS:$PATH"; fi
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 
 ARM_TARGETS=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
 declare -A QEMU_FOR=([aarch64-unknown-linux-musl]=qemu-aarch64-static [armv7-unknown-linux-musleabihf]=qemu-arm-static)

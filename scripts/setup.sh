@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-APT_PACKAGES=(curl file qemu-user-static iproute2 python3-pip)
+APT_PACKAGES=(curl file openssl qemu-user-static iproute2 python3-pip)
 PIP_PACKAGES=(ziglang==0.17.1 cargo-zigbuild==0.24.1)
 
 missing=()
@@ -29,7 +29,10 @@ rustup target add aarch64-unknown-linux-musl
 # rust-src with -Zbuild-std.
 
 if ! python3 -m pip show -q cargo-zigbuild >/dev/null 2>&1 || ! python3 -m pip show -q ziglang >/dev/null 2>&1; then
-    python3 -m pip install --quiet "${PIP_PACKAGES[@]}"
+    # Debian's own python3 refuses system-wide pip installs (PEP 668); fall back to the user's
+    # site in that case.
+    python3 -m pip install --quiet "${PIP_PACKAGES[@]}" \
+        || python3 -m pip install --quiet --user --break-system-packages "${PIP_PACKAGES[@]}"
 fi
 command -v cargo-zigbuild >/dev/null || { echo "cargo-zigbuild is not on PATH after pip install" >&2; exit 1; }
 echo "setup: all tools present"

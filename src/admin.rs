@@ -44,6 +44,7 @@ pub struct State {
     pub settings: discovery::Settings,
     /// The static parts of the status report; readiness and store size are filled per request.
     pub process: ProcessInfo,
+    pub identity: Option<tokio::sync::watch::Receiver<crate::identity::manager::IdentityStatus>>,
 }
 
 impl Admin {
@@ -82,7 +83,9 @@ impl Admin {
                     process.ready = process.pending.is_empty();
                     process.store_size_bytes = std::fs::metadata(&process.store_path).map_or(0, |m| m.len());
                     let snapshot = state.snapshots.borrow().clone();
-                    json(&status::report(&snapshot, process, std::time::SystemTime::now()))
+                    let mut report = status::report(&snapshot, process, std::time::SystemTime::now());
+                    report.identity = state.identity.as_ref().map(|rx| rx.borrow().clone());
+                    json(&report)
                 }
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "no state yet\n"),
             },

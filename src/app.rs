@@ -11,16 +11,18 @@ use std::time::Instant;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 use crate::admin::{self, Admin};
 use crate::config::{Config, Loaded};
+use crate::identity::clock::SystemClock;
 use crate::model::SourceId;
 use crate::readiness::Readiness;
 use crate::status::ProcessInfo;
 use crate::store::{self, Update};
 use crate::systemd::Notifier;
 use crate::upstream::{link, local};
-use crate::{discovery, drain, metrics};
+use crate::{discovery, drain, identity, metrics};
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains.
 pub fn run(loaded: Loaded) -> anyhow::Result<()> {
@@ -50,6 +52,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     let listeners_ready = readiness.gate("listeners");
     let store_ready = readiness.gate("store");
     let mut registry = metrics::registry();
+    registry.register_collector(Box::new(metrics::RuntimeCollector(tokio::runtime::Handle::current())));
     let (drain_signal, drain_watch) = drain::channel();
 
     // The last complete snapshot is loaded before anything serves.
@@ -90,6 +93,27 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     }
     drop(updates);
 
+    // Identity: the cached issuer and certificates are loaded before serving; issuance and
+    // rotation run on their own task and never block serving.
+    let identity_dir = state_dir.join("identity");
+    let manager = identity::manager::Manager::open(identity::settings(&config), &identity_dir, SystemClock)
+        .context("cannot open the identity directory")?;
+    let manager = Arc::new(std::sync::Mutex::new(manager));
+    let (identity_status, identity_status_rx) = watch::channel(identity::manager::IdentityStatus::default());
+    let (proxy_certificate, _proxy_certificate_rx) = watch::channel(None);
+    registry.register_collector(Box::new(identity::StatusCollector(identity_status_rx.clone())));
+    tokio::spawn(identity::run(
+        Arc::clone(&manager),
+        snapshots.clone(),
+        identity_status,
+        proxy_certificate,
+        drain_watch.clone(),
+    ));
+    let socket_path = config.identity_socket();
+    let identity_socket = identity::socket::bind(&socket_path).context("identity: cannot bind the socket")?;
+    tokio::spawn(identity::socket::serve(identity_socket, manager, drain_watch.clone()));
+    tracing::info!(path = %socket_path.display(), "identity: serving workloads on the local socket");
+
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin: cannot listen on {}", config.admin.listen))?;
@@ -103,6 +127,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
             store_quarantined: quarantined.map(|q| format!("{} ({})", q.moved_to.display(), q.reason)),
             ..ProcessInfo::default()
         },
+        identity: Some(identity_status_rx),
     };
     let admin = Arc::new(Admin::new(Arc::clone(&readiness), registry, Some(admin_state)));
     tokio::spawn(admin::serve(admin_listener, admin, drain_watch.clone()));

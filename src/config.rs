@@ -48,7 +48,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 ];
 
 /// The whole configuration. Its sections mirror the components.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub runtime: RuntimeConfig,
@@ -325,26 +325,113 @@ impl Default for DiscoveryConfig {
     }
 }
 
-/// Identity naming (Linkerd-compatible).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+impl StoreConfig {
+    /// The state directory; loading always resolves it.
+    pub fn state_dir(&self) -> &Path {
+        self.state_dir.as_deref().unwrap_or(Path::new(DEFAULT_STATE_DIR))
+    }
+}
+
+/// Identity: names, certificate lifetimes, where the issuer comes from, who gets certificates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
     /// The trust domain in identity names and SPIFFE IDs.
     pub trust_domain: String,
     /// The control-plane namespace in identity names.
     pub control_plane_namespace: String,
+    /// Lifetime of workload certificates.
+    pub certificate_lifetime: Duration,
+    /// Renew when this fraction of a certificate's lifetime has passed.
+    pub renew_fraction: Fraction,
+    /// NotBefore is backdated by this much for peers whose clocks run slightly behind.
+    pub clock_skew: Duration,
+    /// Warn (status, metrics) when the issuer expires within this window.
+    pub issuer_expiry_warning: Duration,
+    /// With no issuer configured or synced, create a local root and issuer.
+    pub standalone: bool,
+    pub standalone_lifetime: Duration,
+    /// Issuer from files instead of a source: certificate (chain), key and trust anchors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer_certificate: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_anchors: Option<PathBuf>,
+    /// The local API socket; `$RUNTIME_DIRECTORY/identity.sock` under systemd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// The box's own proxy identity.
+    pub proxy: ServiceAccount,
+    /// Local workloads, by name: the uid that may ask for the identity over the socket, and
+    /// optionally a directory kept up to date with tls.crt, tls.key and ca.crt.
+    pub workloads: BTreeMap<String, WorkloadConfig>,
 }
 
 impl Default for IdentityConfig {
     fn default() -> Self {
-        Self { trust_domain: "cluster.local".into(), control_plane_namespace: "linkerd".into() }
+        Self {
+            trust_domain: "cluster.local".into(),
+            control_plane_namespace: "linkerd".into(),
+            certificate_lifetime: Duration::from_secs(24 * 3600),
+            renew_fraction: Fraction(0.7),
+            clock_skew: Duration::from_secs(60),
+            issuer_expiry_warning: Duration::from_secs(30 * 86400),
+            standalone: true,
+            standalone_lifetime: Duration::from_secs(365 * 86400),
+            issuer_certificate: None,
+            issuer_key: None,
+            trust_anchors: None,
+            socket: None,
+            proxy: ServiceAccount { namespace: "meshkeep".into(), service_account: "meshkeep".into() },
+            workloads: BTreeMap::new(),
+        }
     }
 }
 
-impl StoreConfig {
-    /// The state directory; loading always resolves it.
-    pub fn state_dir(&self) -> &Path {
-        self.state_dir.as_deref().unwrap_or(Path::new(DEFAULT_STATE_DIR))
+/// A namespaced service account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// A local workload that gets an identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub uid: u32,
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<PathBuf>,
+}
+
+/// A number between 0.1 and 0.95 (renewal points).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Fraction(f64);
+
+impl Fraction {
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl Serialize for Fraction {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = f64::deserialize(d)?;
+        if (0.1..=0.95).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(serde::de::Error::custom(format!("expected a fraction between 0.1 and 0.95, got {value}")))
+        }
     }
 }
 
@@ -581,6 +668,9 @@ pub enum Error {
     /// An environment override has a bad value.
     #[error("environment variable {var} (overrides `{key}`): {message}")]
     Env { var: String, key: String, message: String },
+    /// Keys that are valid one by one but not together.
+    #[error("key `{key}`: {message} (in {})", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))]
+    Invalid { key: String, message: String, files: Vec<PathBuf> },
 }
 
 /// Where a configuration comes from: an optional explicit file plus the process environment.
@@ -674,6 +764,7 @@ impl Source {
             message,
         })?;
         self.resolve_defaults(&mut config, main_file.is_none(), &config_dir);
+        config.validate().map_err(|(key, message)| Error::Invalid { key, message, files: files.clone() })?;
         let service_manager = ServiceManager {
             notify_socket: self.env.get("NOTIFY_SOCKET").cloned(),
             stderr_is_journal: self.stderr_is_journal(),
@@ -708,6 +799,13 @@ impl Source {
             .take()
             .unwrap_or_else(|| PathBuf::from(if embedded { EMBEDDED_STATE_DIR } else { DEFAULT_STATE_DIR }));
         config.store.state_dir = Some(self.working_dir.join(state_dir));
+        if config.identity.socket.is_none() {
+            config.identity.socket = match self.env.get("RUNTIME_DIRECTORY").and_then(|d| d.split(':').next()) {
+                Some(dir) => Some(PathBuf::from(dir).join("identity.sock")),
+                None if embedded => None,
+                None => Some(PathBuf::from("/run/meshkeep/identity.sock")),
+            };
+        }
         config.upstream.local.path = match config.upstream.local.path.take() {
             Some(path) => Some(self.working_dir.join(path)),
             None => {
@@ -731,6 +829,34 @@ impl Source {
 }
 
 impl Config {
+    /// Checks rules that span several keys; returns the key and the problem.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let identity = &self.identity;
+        let issuer_files = [&identity.issuer_certificate, &identity.issuer_key, &identity.trust_anchors];
+        let given = issuer_files.iter().filter(|f| f.is_some()).count();
+        if given != 0 && given != 3 {
+            return Err((
+                "identity.issuer_certificate".into(),
+                "issuer_certificate, issuer_key and trust_anchors go together".into(),
+            ));
+        }
+        let mut uids = std::collections::BTreeSet::new();
+        for (name, workload) in &identity.workloads {
+            if !uids.insert(workload.uid) {
+                return Err((
+                    format!("identity.workloads.{name}.uid"),
+                    format!("uid {} is mapped twice", workload.uid),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The identity socket path.
+    pub fn identity_socket(&self) -> PathBuf {
+        self.identity.socket.clone().unwrap_or_else(|| self.store.state_dir().join("identity.sock"))
+    }
+
     /// The effective configuration as TOML (what `meshkeep config show` prints).
     pub fn to_toml(&self) -> String {
         // Serialising plain structs of strings and numbers cannot fail.

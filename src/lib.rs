@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod drain;
+pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -21,6 +21,30 @@ pub fn registry() -> Registry {
     registry
 }
 
+/// The async runtime's own view of itself: worker threads and live tasks.
+#[derive(Debug)]
+pub struct RuntimeCollector(pub tokio::runtime::Handle);
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let metrics = self.0.metrics();
+        let gauge = ConstGauge::new(metrics.num_workers() as i64);
+        gauge.encode(encoder.encode_descriptor(
+            "meshkeep_runtime_workers",
+            "Worker threads of the async runtime",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        let gauge = ConstGauge::new(metrics.num_alive_tasks() as i64);
+        gauge.encode(encoder.encode_descriptor(
+            "meshkeep_runtime_alive_tasks",
+            "Tasks alive in the async runtime",
+            None,
+            gauge.metric_type(),
+        )?)
+    }
+}
+
 /// Renders a registry in the OpenMetrics text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();

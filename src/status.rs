@@ -5,6 +5,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::fmt_time;
+use crate::identity::manager::IdentityStatus;
 use crate::model::Kind;
 use crate::store::{Snapshot, unix_seconds};
 
@@ -30,6 +32,8 @@ pub struct Status {
     pub process: ProcessInfo,
     pub snapshot: SnapshotStatus,
     pub sources: Vec<SourceStatus>,
+    /// The identity manager's state, when the daemon runs one.
+    pub identity: Option<IdentityStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +96,7 @@ pub fn report(snapshot: &Snapshot, process: ProcessInfo, now: SystemTime) -> Sta
             objects: snapshot.object_count(),
         },
         sources,
+        identity: None,
     }
 }
 
@@ -140,6 +145,38 @@ pub fn render(status: &Status) -> String {
     }
     if status.sources.is_empty() {
         let _ = writeln!(out, "(no sources: configure [upstream.links] or a manifest folder)");
+    }
+    if let Some(identity) = &status.identity {
+        let _ = writeln!(out);
+        let at = |t: u64| fmt_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t));
+        match (&identity.issuer_origin, identity.issuer_not_after) {
+            (Some(origin), Some(not_after)) => {
+                let warning = if identity.issuer_expiring_soon { "  EXPIRES SOON" } else { "" };
+                let _ = writeln!(out, "issuer      {:?}, expires {}{warning}", origin, at(not_after));
+            }
+            _ => {
+                let _ = writeln!(out, "issuer      none");
+            }
+        }
+        if !identity.clock_ok {
+            let _ = writeln!(
+                out,
+                "WARNING     clock is behind {}: nothing is issued until it is set",
+                at(identity.time_floor)
+            );
+        }
+        for cert in &identity.certificates {
+            let _ = writeln!(
+                out,
+                "certificate {}  expires {}  renews {}",
+                cert.identity,
+                at(cert.not_after),
+                at(cert.renew_at)
+            );
+        }
+        if let Some(error) = &identity.last_error {
+            let _ = writeln!(out, "identity    last error: {error}");
+        }
     }
     out
 }

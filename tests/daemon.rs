@@ -70,12 +70,15 @@ fn sighup_does_not_kill_the_daemon() {
 #[test]
 fn runtime_uses_the_configured_number_of_workers() {
     let daemon = Daemon::start("[runtime]\nworkers = 3\n");
+    let (_, metrics) = daemon.get("/metrics");
+    assert!(metrics.contains("meshkeep_runtime_workers 3\n"), "{metrics}");
+    // The worker threads exist as OS threads (the blocking pool shares their name, so at least).
     let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).expect("task dir");
-    let workers = tasks
+    let named = tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .filter(|comm| comm.trim() == "meshkeep-worker")
         .count();
-    assert_eq!(workers, 3, "{}", daemon.log());
+    assert!(named >= 3, "{named} worker threads\n{}", daemon.log());
 }
 
 #[test]

@@ -9,6 +9,7 @@ use crate::config::{self, Source};
 
 mod cache;
 mod client;
+mod identity;
 
 /// Exit status for a configuration that cannot be used (sysexits' EX_CONFIG). The systemd unit
 /// lists it in RestartPreventExitStatus= so a bad config does not restart in a loop.
@@ -49,6 +50,31 @@ pub enum Command {
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
+    },
+    /// The local CA: the issuer, managed certificates, and operator-issued certificates.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// The issuer, the clock state, and each managed certificate's names and validity.
+    Show {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Issue a certificate for a service account from the cached issuer into a directory
+    /// (tls.crt, tls.key, ca.crt).
+    Issue {
+        #[arg(long = "namespace", short = 'n')]
+        namespace: String,
+        #[arg(long = "service-account", alias = "sa")]
+        service_account: String,
+        /// Output directory.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
 }
 
@@ -101,6 +127,12 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if !matches!(cli.command, Command::Run) {
+        // Operator commands report problems (a quarantined store, a damaged file) as warnings.
+        if let Ok(filter) = "warn".parse() {
+            crate::logging::init(&config::LogConfig { filter, output: config::LogOutput::Stderr }, false);
+        }
+    }
     let result = match cli.command {
         Command::Run => {
             crate::logging::init(&loaded.config.log, loaded.service_manager.stderr_is_journal);
@@ -119,6 +151,10 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Cache { command: CacheCommand::Show { output } } => cache::show(&loaded.config, output),
         Command::Cache { command: CacheCommand::Export { file } } => cache::export(&loaded.config, &file),
         Command::Cache { command: CacheCommand::Import { file } } => cache::import(&loaded.config, &file),
+        Command::Identity { command: IdentityCommand::Show { output } } => identity::show(&loaded.config, output),
+        Command::Identity { command: IdentityCommand::Issue { namespace, service_account, out } } => {
+            identity::issue(&loaded.config, &namespace, &service_account, &out)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

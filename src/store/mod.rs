@@ -238,15 +238,20 @@ impl Writer {
         &self.metrics
     }
 
-    /// Applies updates until every sender is gone or the drain starts, then commits what is
-    /// pending.
+    /// Applies updates until the drain starts (or, with no drain, until every sender is gone),
+    /// then commits what is pending.
     pub async fn run(mut self, drain: drain::Watch) {
         let mut flush = tokio::time::interval(self.flush_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With no sources left (or none configured) the writer still serves until the drain.
+        let mut open = true;
         loop {
             tokio::select! {
-                update = self.rx.recv() => {
-                    let Some(update) = update else { break };
+                update = self.rx.recv(), if open => {
+                    let Some(update) = update else {
+                        open = false;
+                        continue;
+                    };
                     self.apply(update);
                     // Take everything already queued, then publish once.
                     while let Ok(update) = self.rx.try_recv() {
@@ -255,7 +260,14 @@ impl Writer {
                     self.publish();
                 }
                 _ = flush.tick() => self.commit().await,
-                _ = drain.signaled() => break,
+                _ = drain.signaled() => {
+                    // Keep what the sources already reported.
+                    while let Ok(update) = self.rx.try_recv() {
+                        self.apply(update);
+                    }
+                    self.publish();
+                    break;
+                }
             }
         }
         self.commit().await;

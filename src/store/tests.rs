@@ -15,17 +15,18 @@ fn service(ns: &str, name: &str, ip: &str) -> Object {
     })
 }
 
-/// Runs a writer over `updates` until it has applied them all and committed (it stops when its
-/// last sender is dropped), and returns the last published snapshot.
+/// Runs a writer over `updates` until it has applied them all and committed, and returns the
+/// last published snapshot.
 async fn run_updates(dir: &Path, updates: Vec<Update>) -> Arc<Snapshot> {
     let opened = open(dir, Duration::from_secs(3600)).expect("open store");
-    let (_signal, watch) = drain::channel();
+    let (signal, watch) = drain::channel();
     let writer = tokio::spawn(opened.writer.run(watch));
     for update in updates {
         opened.updates.send(update).await.expect("send");
     }
-    drop(opened.updates);
-    tokio::time::timeout(Duration::from_secs(10), writer).await.expect("writer stops").expect("writer task");
+    // The drain makes the writer take what is queued, commit and stop.
+    tokio::time::timeout(Duration::from_secs(10), signal.drain()).await.expect("writer drains");
+    writer.await.expect("writer task");
     opened.snapshots.borrow().clone()
 }
 

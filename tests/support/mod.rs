@@ -83,6 +83,8 @@ fn launch(dir: &Path, admin: SocketAddr, config: Option<&Path>, env: &[(String, 
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("MESHKEEP_LOG", "debug,kube=info,hyper=info")
         .env("MESHKEEP_ADMIN_LISTEN", admin.to_string())
+        // As systemd's RuntimeDirectory= would: each daemon gets its own identity socket.
+        .env("RUNTIME_DIRECTORY", dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
