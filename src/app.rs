@@ -22,7 +22,7 @@ use crate::status::ProcessInfo;
 use crate::store::{self, Update};
 use crate::systemd::Notifier;
 use crate::upstream::{link, local};
-use crate::{discovery, drain, identity, metrics};
+use crate::{discovery, drain, identity, metrics, proxy};
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains.
 pub fn run(loaded: Loaded) -> anyhow::Result<()> {
@@ -100,7 +100,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
         .context("cannot open the identity directory")?;
     let manager = Arc::new(std::sync::Mutex::new(manager));
     let (identity_status, identity_status_rx) = watch::channel(identity::manager::IdentityStatus::default());
-    let (proxy_certificate, _proxy_certificate_rx) = watch::channel(None);
+    let (proxy_certificate, proxy_certificate_rx) = watch::channel(None);
     registry.register_collector(Box::new(identity::StatusCollector(identity_status_rx.clone())));
     tokio::spawn(identity::run(
         Arc::clone(&manager),
@@ -113,6 +113,10 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     let identity_socket = identity::socket::bind(&socket_path).context("identity: cannot bind the socket")?;
     tokio::spawn(identity::socket::serve(identity_socket, manager, drain_watch.clone()));
     tracing::info!(path = %socket_path.display(), "identity: serving workloads on the local socket");
+
+    if config.proxy.enabled {
+        start_proxy(&config, &mut registry, snapshots.clone(), proxy_certificate_rx, &drain_watch).await?;
+    }
 
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -158,6 +162,65 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
             "drain deadline passed; closing the remaining connections"
         ),
     }
+    Ok(())
+}
+
+/// Binds the proxy's listeners and starts serving; TLS configs follow the proxy certificate.
+async fn start_proxy(
+    config: &Config,
+    registry: &mut prometheus_client::registry::Registry,
+    snapshots: store::Snapshots,
+    mut certificates: watch::Receiver<Option<identity::ca::Leaf>>,
+    drain: &drain::Watch,
+) -> anyhow::Result<()> {
+    let (tls_tx, tls_rx) = watch::channel(None);
+    let tls_drain = drain.clone();
+    tokio::spawn(async move {
+        loop {
+            let leaf = certificates.borrow_and_update().clone();
+            if let Some(leaf) = leaf {
+                match proxy::TlsConfigs::from_leaf(&leaf) {
+                    Ok(configs) => {
+                        tracing::info!(identity = %configs.identity, "proxy: TLS identity in use");
+                        tls_tx.send_replace(Some(Arc::new(configs)));
+                    }
+                    Err(e) => tracing::error!(error = %e, "proxy: cannot build TLS configs; keeping the previous ones"),
+                }
+            }
+            tokio::select! {
+                changed = certificates.changed() => if changed.is_err() { return },
+                _ = tls_drain.signaled() => return,
+            }
+        }
+    });
+    let metrics = proxy::metrics::ProxyMetrics::default();
+    metrics.register(registry);
+    let shared = Arc::new(proxy::Proxy::new(
+        &config.proxy,
+        snapshots,
+        discovery::Settings::from_config(config),
+        tls_rx,
+        metrics,
+    ));
+    let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("proxy: cannot listen on {addr} ({what})"))
+    };
+    let outbound = bind(config.proxy.outbound_listen, "outbound").await?;
+    tokio::spawn(proxy::serve_outbound(
+        outbound,
+        Arc::clone(&shared),
+        proxy::OutboundTarget::Transparent,
+        drain.clone(),
+    ));
+    let inbound = bind(config.proxy.inbound_listen, "inbound").await?;
+    tokio::spawn(proxy::serve_inbound(inbound, Arc::clone(&shared), drain.clone()));
+    for listener in &config.proxy.listeners {
+        let socket = bind(listener.listen, "explicit listener").await?;
+        let target = proxy::OutboundTarget::Service { name: listener.service.clone(), port: listener.port };
+        tokio::spawn(proxy::serve_outbound(socket, Arc::clone(&shared), target, drain.clone()));
+        tracing::info!(listen = %listener.listen, service = %listener.service, port = listener.port, "proxy: explicit listener");
+    }
+    tracing::info!(outbound = %config.proxy.outbound_listen, inbound = %config.proxy.inbound_listen, "proxy: serving");
     Ok(())
 }
 

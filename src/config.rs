@@ -44,6 +44,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("MESHKEEP_NODE_NAME", "node.name"),
     ("MESHKEEP_NODE_ZONE", "node.zone"),
     ("MESHKEEP_ADMIN_LISTEN", "admin.listen"),
+    ("MESHKEEP_PROXY_OUTBOUND_LISTEN", "proxy.outbound_listen"),
+    ("MESHKEEP_PROXY_INBOUND_LISTEN", "proxy.inbound_listen"),
     ("MESHKEEP_LOG", "log.filter"),
 ];
 
@@ -58,6 +60,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub discovery: DiscoveryConfig,
     pub identity: IdentityConfig,
+    pub proxy: ProxyConfig,
     pub log: LogConfig,
 }
 
@@ -433,6 +436,71 @@ impl<'de> Deserialize<'de> for Fraction {
             Err(serde::de::Error::custom(format!("expected a fraction between 0.1 and 0.95, got {value}")))
         }
     }
+}
+
+/// The proxy: outbound and inbound listeners and their limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub enabled: bool,
+    /// Where redirected outbound connections arrive (iptables/nftables REDIRECT target).
+    pub outbound_listen: SocketAddr,
+    /// Where peers' mTLS connections arrive.
+    pub inbound_listen: SocketAddr,
+    /// The port peers' inbound proxies listen on.
+    pub peer_inbound_port: u16,
+    /// Inbound connections are forwarded to this address and the target port.
+    pub inbound_target: std::net::IpAddr,
+    /// What to do with plaintext reaching the inbound port (refuse until policy says otherwise).
+    pub inbound_plaintext: PlaintextPolicy,
+    /// How long a client may take to send its first bytes.
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Open connections per direction.
+    pub max_connections: usize,
+    /// Ports whose traffic is never protocol-detected (Linkerd's defaults).
+    pub opaque_ports: Vec<u16>,
+    /// Ports forwarded unchanged, without the mesh.
+    pub skip_ports: Vec<u16>,
+    /// Explicit outbound listeners for boxes that cannot redirect.
+    pub listeners: Vec<ListenerConfig>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            outbound_listen: SocketAddr::from(([127, 0, 0, 1], 4140)),
+            inbound_listen: SocketAddr::from(([0, 0, 0, 0], 4143)),
+            peer_inbound_port: 4143,
+            inbound_target: std::net::IpAddr::from([127, 0, 0, 1]),
+            inbound_plaintext: PlaintextPolicy::Refuse,
+            detect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(3),
+            max_connections: 10_000,
+            opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
+            skip_ports: Vec::new(),
+            listeners: Vec::new(),
+        }
+    }
+}
+
+/// Plaintext on the inbound port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextPolicy {
+    Refuse,
+    Accept,
+}
+
+/// An explicit outbound listener: connections to `listen` go to `service`'s `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    /// A mesh name such as `api.shop` or `api.shop.svc.cluster.local`.
+    pub service: String,
+    pub port: u16,
 }
 
 /// Logging.

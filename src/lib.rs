@@ -15,6 +15,7 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod proxy;
 pub mod readiness;
 pub mod status;
 pub mod store;

@@ -85,6 +85,9 @@ fn launch(dir: &Path, admin: SocketAddr, config: Option<&Path>, env: &[(String, 
         .env("MESHKEEP_ADMIN_LISTEN", admin.to_string())
         // As systemd's RuntimeDirectory= would: each daemon gets its own identity socket.
         .env("RUNTIME_DIRECTORY", dir)
+        // Proxy ports of their own, so daemons run side by side; tests that care set them.
+        .env("MESHKEEP_PROXY_OUTBOUND_LISTEN", free_addr().to_string())
+        .env("MESHKEEP_PROXY_INBOUND_LISTEN", free_addr().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));

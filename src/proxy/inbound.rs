@@ -1,0 +1,109 @@
+//! Inbound: peers to local workloads. mTLS from meshkeep peers carries a transport header naming
+//! the local port; plaintext (redirected) connections are accepted or refused by policy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::metrics::{ConnectionLabels, OpenConnection};
+use super::tcp::{Counted, splice};
+use super::transport::{ALPN, Header};
+use super::{Error, Proxy, connect, orig_dst};
+use crate::config::PlaintextPolicy;
+use crate::drain;
+use crate::identity::tls::peer_identity;
+
+/// Accepts until the drain starts.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: drain::Watch) {
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = drain.signaled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&proxy.inbound_slots).try_acquire_owned() else {
+            proxy.metrics.error("inbound", "connection_limit");
+            continue;
+        };
+        let proxy = Arc::clone(&proxy);
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _drain = drain;
+            if let Err(e) = handle(&proxy, stream).await {
+                proxy.metrics.error("inbound", e.reason());
+                tracing::debug!(error = %e, "inbound connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
+    let _ = stream.set_nodelay(true);
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(proxy.detect_timeout, stream.peek(&mut first))
+        .await
+        .map_err(|_| Error::Timeout("waiting for the first bytes"))??;
+    if peeked == 0 {
+        return Ok(());
+    }
+    if first[0] == 0x16 { mutual_tls(proxy, stream).await } else { plaintext(proxy, stream).await }
+}
+
+async fn mutual_tls(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
+    let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
+    let accept = TlsAcceptor::from(Arc::clone(&tls.server)).accept(stream);
+    let mut session = tokio::time::timeout(proxy.detect_timeout * 5, accept)
+        .await
+        .map_err(|_| Error::Timeout("TLS handshake"))?
+        .map_err(|e| Error::Tls { peer: "client".into(), reason: e.to_string() })?;
+    let (_, connection) = session.get_ref();
+    if connection.alpn_protocol() != Some(ALPN) {
+        return Err(Error::Refused("TLS without the meshkeep protocol"));
+    }
+    let client_identity = peer_identity(connection.peer_certificates()).unwrap_or_default();
+    let header = tokio::time::timeout(proxy.detect_timeout * 5, Header::read(&mut session))
+        .await
+        .map_err(|_| Error::Timeout("transport header"))??;
+    let target = SocketAddr::new(proxy.inbound_target, header.target_port);
+    let labels = ConnectionLabels {
+        direction: "inbound",
+        tls: "true",
+        target: header.target_port.to_string(),
+        identity: client_identity,
+    };
+    let open = OpenConnection::new(&proxy.metrics, labels);
+    let mut local = connect(target, proxy.connect_timeout).await?;
+    let mut session = Counted::new(session, open.read_counter(), open.write_counter());
+    splice(&mut session, &mut local).await?;
+    drop(open);
+    Ok(())
+}
+
+async fn plaintext(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
+    if proxy.inbound_plaintext == PlaintextPolicy::Refuse {
+        return Err(Error::Refused("plaintext to the inbound port"));
+    }
+    // Plaintext reaches the inbound port only by redirect: forward to the port it was sent to.
+    let original = orig_dst::original_dst(&stream).ok_or(Error::NotRedirected)?;
+    let labels = ConnectionLabels {
+        direction: "inbound",
+        tls: "no_identity",
+        target: original.port().to_string(),
+        identity: String::new(),
+    };
+    let open = OpenConnection::new(&proxy.metrics, labels);
+    let mut local = connect(SocketAddr::new(proxy.inbound_target, original.port()), proxy.connect_timeout).await?;
+    let mut client = Counted::new(stream, open.read_counter(), open.write_counter());
+    splice(&mut client, &mut local).await?;
+    drop(open);
+    Ok(())
+}

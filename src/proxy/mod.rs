@@ -1,0 +1,172 @@
+//! The proxy: outbound (local clients to the mesh) and inbound (peers to local workloads).
+//! Every connection between two meshkeep boxes is mutual TLS, whatever it carries.
+//!
+//! Outbound finds the destination by explicit listener or by the connection's original
+//! destination (transparent redirect), picks a ready endpoint, and connects to the peer's
+//! inbound port over mTLS with the endpoint's identity as server name, then sends the transport
+//! header naming the target port. An unmeshed endpoint is reached directly; an unknown
+//! destination is forwarded unchanged. Inbound terminates mTLS, reads the header and forwards
+//! to the local target port.
+
+pub mod detect;
+mod inbound;
+pub mod metrics;
+mod orig_dst;
+mod outbound;
+pub mod tcp;
+pub mod transport;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use rustls::{ClientConfig, ServerConfig};
+use tokio::sync::{Semaphore, watch};
+
+pub use inbound::serve as serve_inbound;
+pub use outbound::{Target as OutboundTarget, serve as serve_outbound};
+
+use crate::config::{PlaintextPolicy, ProxyConfig};
+use crate::discovery;
+use crate::identity::ca::Leaf;
+use crate::store::Snapshots;
+
+/// The TLS material of the moment; replaced on rotation, read at each accept/connect, so
+/// established connections keep theirs.
+#[derive(Debug)]
+pub struct TlsConfigs {
+    pub identity: String,
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+}
+
+impl TlsConfigs {
+    /// Configs for proxy-to-proxy connections from the proxy's certificate.
+    pub fn from_leaf(leaf: &Leaf) -> Result<Self, crate::identity::Error> {
+        Ok(Self {
+            identity: leaf.name.dns_name(),
+            server: crate::identity::tls::server_config(leaf, &[transport::ALPN])?,
+            client: crate::identity::tls::client_config(leaf, &[transport::ALPN])?,
+        })
+    }
+}
+
+/// Everything a proxied connection needs, shared by all of them.
+#[derive(Debug)]
+pub struct Proxy {
+    pub snapshots: Snapshots,
+    pub settings: discovery::Settings,
+    pub tls: watch::Receiver<Option<Arc<TlsConfigs>>>,
+    pub metrics: metrics::ProxyMetrics,
+    pub peer_inbound_port: u16,
+    pub inbound_target: IpAddr,
+    pub inbound_plaintext: PlaintextPolicy,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub skip_ports: Vec<u16>,
+    pub outbound_listen: SocketAddr,
+    /// Bounds open connections per direction; a connection over the limit is closed at once.
+    pub outbound_slots: Arc<Semaphore>,
+    pub inbound_slots: Arc<Semaphore>,
+    round_robin: AtomicUsize,
+}
+
+impl Proxy {
+    pub fn new(
+        config: &ProxyConfig,
+        snapshots: Snapshots,
+        settings: discovery::Settings,
+        tls: watch::Receiver<Option<Arc<TlsConfigs>>>,
+        metrics: metrics::ProxyMetrics,
+    ) -> Self {
+        Self {
+            snapshots,
+            settings,
+            tls,
+            metrics,
+            peer_inbound_port: config.peer_inbound_port,
+            inbound_target: config.inbound_target,
+            inbound_plaintext: config.inbound_plaintext,
+            detect_timeout: config.detect_timeout.get(),
+            connect_timeout: config.connect_timeout.get(),
+            skip_ports: config.skip_ports.clone(),
+            outbound_listen: config.outbound_listen,
+            outbound_slots: Arc::new(Semaphore::new(config.max_connections)),
+            inbound_slots: Arc::new(Semaphore::new(config.max_connections)),
+            round_robin: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next index for round-robin endpoint choice.
+    fn next_index(&self, len: usize) -> usize {
+        self.round_robin.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % len.max(1)
+    }
+
+    fn current_tls(&self) -> Option<Arc<TlsConfigs>> {
+        self.tls.borrow().clone()
+    }
+}
+
+/// Errors that end a proxied connection. Each is counted and logged at debug level; peers never
+/// see more than a closed connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection was not redirected and came to the outbound port directly.
+    #[error("connection was not redirected (no original destination)")]
+    NotRedirected,
+    /// The destination service has no ready endpoint.
+    #[error("{0} has no ready endpoint")]
+    NoEndpoint(String),
+    /// The destination is known to exist but cannot be resolved (explicit listener target).
+    #[error("{name}: {reason}")]
+    Unresolved { name: String, reason: String },
+    /// No certificate yet (identity not issued): meshed destinations cannot be reached.
+    #[error("no proxy certificate yet")]
+    NoCertificate,
+    /// Connecting to the endpoint or peer failed or timed out.
+    #[error("connect {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    /// The TLS handshake failed (wrong identity, unknown root, protocol error).
+    #[error("TLS with {peer}: {reason}")]
+    Tls { peer: String, reason: String },
+    /// A peer's transport header was missing or malformed.
+    #[error("transport header: {0}")]
+    Header(#[from] transport::HeaderError),
+    /// The inbound side refused the connection by policy.
+    #[error("refused: {0}")]
+    Refused(&'static str),
+    /// Reading the first bytes or the handshake took too long.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// A short label for metrics.
+    fn reason(&self) -> &'static str {
+        match self {
+            Error::NotRedirected => "not_redirected",
+            Error::NoEndpoint(_) => "no_endpoint",
+            Error::Unresolved { .. } => "unresolved",
+            Error::NoCertificate => "no_certificate",
+            Error::Connect { .. } => "connect",
+            Error::Tls { .. } => "tls",
+            Error::Header(_) => "header",
+            Error::Refused(_) => "refused",
+            Error::Timeout(_) => "timeout",
+            Error::Io(_) => "io",
+        }
+    }
+}
+
+/// Connects with the proxy's connect timeout.
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, Error> {
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::Connect { addr, reason: format!("no answer within {}ms", timeout.as_millis()) })?
+        .map_err(|e| Error::Connect { addr, reason: e.to_string() })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}

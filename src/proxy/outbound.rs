@@ -1,0 +1,172 @@
+//! Outbound: local clients to the mesh, from the transparent port or an explicit listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+use super::detect::Protocol;
+use super::metrics::{ConnectionLabels, OpenConnection};
+use super::tcp::{Counted, splice};
+use super::transport::Header;
+use super::{Error, Proxy, connect, orig_dst};
+use crate::discovery::{self, Lookup, Resolved};
+use crate::drain;
+use crate::model::TargetPort;
+
+/// What an outbound listener serves.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Connections redirected by the kernel: the destination is their original address.
+    Transparent,
+    /// An explicit listener for one service and port (boxes that cannot redirect).
+    Service { name: String, port: u16 },
+}
+
+/// How a connection will be carried.
+#[derive(Debug, Clone, PartialEq)]
+enum Plan {
+    /// To a meshed endpoint: mTLS to its inbound port, then the header naming `target_port`.
+    Meshed { peer: SocketAddr, identity: String, target_port: u16, authority: String },
+    /// To an endpoint without identity: plain TCP.
+    Plain { addr: SocketAddr, authority: String },
+    /// An unknown destination: forwarded to where it was going.
+    Passthrough { addr: SocketAddr },
+}
+
+/// Accepts until the drain starts.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, target: Target, drain: drain::Watch) {
+    loop {
+        let (stream, _client) = tokio::select! {
+            _ = drain.signaled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&proxy.outbound_slots).try_acquire_owned() else {
+            proxy.metrics.error("outbound", "connection_limit");
+            continue;
+        };
+        let proxy = Arc::clone(&proxy);
+        let target = target.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _drain = drain;
+            if let Err(e) = handle(&proxy, stream, &target).await {
+                proxy.metrics.error("outbound", e.reason());
+                tracing::debug!(error = %e, "outbound connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(proxy: &Proxy, client: TcpStream, target: &Target) -> Result<(), Error> {
+    let _ = client.set_nodelay(true);
+    let plan = match target {
+        Target::Transparent => {
+            let original = orig_dst::original_dst(&client).ok_or(Error::NotRedirected)?;
+            if original == proxy.outbound_listen {
+                return Err(Error::NotRedirected);
+            }
+            if proxy.skip_ports.contains(&original.port()) {
+                Plan::Passthrough { addr: original }
+            } else {
+                plan_for_addr(proxy, original)?
+            }
+        }
+        Target::Service { name, port } => plan_for_name(proxy, name, *port)?,
+    };
+    carry(proxy, client, plan).await
+}
+
+/// The plan for a connection to an address: a service's cluster IP, an endpoint IP, or unknown.
+fn plan_for_addr(proxy: &Proxy, addr: SocketAddr) -> Result<Plan, Error> {
+    let snapshot = proxy.snapshots.borrow().clone();
+    match discovery::resolve_addr(&snapshot, &proxy.settings, addr) {
+        Lookup::Found(resolved) => plan_for(proxy, &resolved, addr.port()),
+        // Not a mesh destination (or not known yet): go where the client was going.
+        Lookup::NotFound | Lookup::Unknown { .. } => Ok(Plan::Passthrough { addr }),
+    }
+}
+
+fn plan_for_name(proxy: &Proxy, name: &str, port: u16) -> Result<Plan, Error> {
+    let snapshot = proxy.snapshots.borrow().clone();
+    match discovery::resolve_name(&snapshot, &proxy.settings, name) {
+        Lookup::Found(resolved) => plan_for(proxy, &resolved, port),
+        Lookup::NotFound => Err(Error::Unresolved { name: name.to_owned(), reason: "no such service".into() }),
+        Lookup::Unknown { reason } => Err(Error::Unresolved { name: name.to_owned(), reason }),
+    }
+}
+
+/// Picks a ready endpoint (round robin) and the port on it that `service_port` maps to.
+fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<Plan, Error> {
+    let authority = format!("{}:{service_port}", resolved.fqdn);
+    let endpoints = resolved.endpoints.as_ref().ok_or_else(|| Error::NoEndpoint(authority.clone()))?;
+    let ready: Vec<_> = endpoints.iter().filter(|e| e.ready && !e.addresses.is_empty()).collect();
+    if ready.is_empty() {
+        return Err(Error::NoEndpoint(authority));
+    }
+    let endpoint = ready[proxy.next_index(ready.len())];
+    let target_port = match resolved.ports.iter().find(|p| p.port == service_port).map(|p| &p.target_port) {
+        Some(TargetPort::Number(n)) => *n,
+        Some(TargetPort::Name(name)) => endpoint
+            .ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map(|p| p.port)
+            .ok_or_else(|| Error::NoEndpoint(format!("{authority} (no endpoint port named {name})")))?,
+        // A connection straight to an endpoint address, or a port the service does not list.
+        None => service_port,
+    };
+    let ip = endpoint.addresses[0];
+    Ok(match &endpoint.identity {
+        Some(identity) => Plan::Meshed {
+            peer: SocketAddr::new(ip, proxy.peer_inbound_port),
+            identity: identity.clone(),
+            target_port,
+            authority,
+        },
+        None => Plan::Plain { addr: SocketAddr::new(ip, target_port), authority },
+    })
+}
+
+async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan) -> Result<(), Error> {
+    let (tls, target, identity) = match &plan {
+        Plan::Meshed { identity, authority, .. } => ("true", authority.clone(), identity.clone()),
+        Plan::Plain { authority, .. } => ("no_identity", authority.clone(), String::new()),
+        Plan::Passthrough { .. } => ("passthrough", "unknown".to_owned(), String::new()),
+    };
+    let open = OpenConnection::new(&proxy.metrics, ConnectionLabels { direction: "outbound", tls, target, identity });
+    let mut client = Counted::new(client, open.read_counter(), open.write_counter());
+    match plan {
+        Plan::Passthrough { addr } | Plan::Plain { addr, .. } => {
+            let mut server = connect(addr, proxy.connect_timeout).await?;
+            splice(&mut client, &mut server).await?;
+        }
+        Plan::Meshed { peer, identity, target_port, authority } => {
+            let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
+            let server_name = ServerName::try_from(identity.clone())
+                .map_err(|e| Error::Tls { peer: identity.clone(), reason: e.to_string() })?;
+            let tcp = connect(peer, proxy.connect_timeout).await?;
+            let handshake = TlsConnector::from(Arc::clone(&tls.client)).connect(server_name, tcp);
+            let mut server = tokio::time::timeout(proxy.connect_timeout, handshake)
+                .await
+                .map_err(|_| Error::Timeout("TLS handshake with the peer"))?
+                .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: e.to_string() })?;
+            let header = Header { target_port, protocol: Protocol::Opaque, authority: Some(authority) };
+            server.write_all(&header.encode()).await?;
+            splice(&mut client, &mut server).await?;
+        }
+    }
+    drop(open);
+    Ok(())
+}
