@@ -61,6 +61,7 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub identity: IdentityConfig,
     pub proxy: ProxyConfig,
+    pub redirect: RedirectConfig,
     pub log: LogConfig,
 }
 
@@ -481,6 +482,34 @@ impl Default for ProxyConfig {
             opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
             skip_ports: Vec::new(),
             listeners: Vec::new(),
+        }
+    }
+}
+
+/// Transparent mode: which traffic `meshkeep redirect install` sends through the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedirectConfig {
+    /// Destinations of local clients' TCP that go to the outbound port.
+    pub outbound_cidrs: Vec<String>,
+    /// Destinations never redirected.
+    pub exclude_cidrs: Vec<String>,
+    /// Destination ports never redirected (SSH by default, so a box stays reachable).
+    pub skip_outbound_ports: Vec<u16>,
+    /// Local ports whose incoming TCP goes through the inbound proxy.
+    pub inbound_ports: Vec<u16>,
+    /// The user (name or uid) the daemon runs as: its own traffic is never redirected.
+    pub proxy_user: String,
+}
+
+impl Default for RedirectConfig {
+    fn default() -> Self {
+        Self {
+            outbound_cidrs: vec!["0.0.0.0/0".into(), "::/0".into()],
+            exclude_cidrs: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            skip_outbound_ports: vec![22],
+            inbound_ports: Vec::new(),
+            proxy_user: "meshkeep".into(),
         }
     }
 }
@@ -907,6 +936,14 @@ impl Config {
                 "identity.issuer_certificate".into(),
                 "issuer_certificate, issuer_key and trust_anchors go together".into(),
             ));
+        }
+        for (key, list) in [
+            ("redirect.outbound_cidrs", &self.redirect.outbound_cidrs),
+            ("redirect.exclude_cidrs", &self.redirect.exclude_cidrs),
+        ] {
+            for cidr in list {
+                crate::redirect::check_cidr(cidr).map_err(|e| (key.to_owned(), e.to_string()))?;
+            }
         }
         let mut uids = std::collections::BTreeSet::new();
         for (name, workload) in &identity.workloads {

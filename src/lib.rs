@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod readiness;
+pub mod redirect;
 pub mod status;
 pub mod store;
 pub mod systemd;

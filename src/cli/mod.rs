@@ -56,6 +56,21 @@ pub enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Transparent mode: the nftables rules that send traffic through the proxy (needs root).
+    Redirect {
+        #[command(subcommand)]
+        command: RedirectCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RedirectCommand {
+    /// Install (or replace) the rules in the `inet meshkeep` table.
+    Install,
+    /// Remove the `inet meshkeep` table.
+    Remove,
+    /// Print the rules `install` would apply, without applying them.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +170,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Identity { command: IdentityCommand::Issue { namespace, service_account, out } } => {
             identity::issue(&loaded.config, &namespace, &service_account, &out)
         }
+        Command::Redirect { command } => redirect(&loaded.config, &command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,6 +180,24 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn redirect(config: &config::Config, command: &RedirectCommand) -> anyhow::Result<()> {
+    use crate::redirect as rules;
+    match command {
+        RedirectCommand::Install => {
+            rules::install(&config.redirect, &config.proxy)?;
+            println!("installed nftables table inet {}", rules::TABLE);
+        }
+        RedirectCommand::Remove => {
+            rules::remove()?;
+            println!("removed nftables table inet {}", rules::TABLE);
+        }
+        RedirectCommand::Show => {
+            print!("{}", rules::ruleset(&config.redirect, &config.proxy, rules::proxy_uid(&config.redirect)?)?);
+        }
+    }
+    Ok(())
 }
 
 fn config_check(loaded: &config::Loaded) {

@@ -17,33 +17,11 @@ use crate::identity::tls::peer_identity;
 
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: drain::Watch) {
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = drain.signaled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = Arc::clone(&proxy.inbound_slots).try_acquire_owned() else {
-            proxy.metrics.error("inbound", "connection_limit");
-            continue;
-        };
-        let proxy = Arc::clone(&proxy);
-        let drain = drain.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _drain = drain;
-            if let Err(e) = handle(&proxy, stream).await {
-                proxy.metrics.error("inbound", e.reason());
-                tracing::debug!(error = %e, "inbound connection ended");
-            }
-        });
-    }
+    let slots = Arc::clone(&proxy.inbound_slots);
+    super::accept_loop(listener, proxy, "inbound", slots, drain, |proxy, stream| async move {
+        handle(&proxy, stream).await
+    })
+    .await;
 }
 
 async fn handle(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {

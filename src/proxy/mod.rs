@@ -161,6 +161,52 @@ impl Error {
     }
 }
 
+/// Accepts until the drain starts, bounding open connections with `slots`, and runs `handle`
+/// for each connection on its own task. Failures are counted under `direction`.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    proxy: Arc<Proxy>,
+    direction: &'static str,
+    slots: Arc<Semaphore>,
+    drain: crate::drain::Watch,
+    handle: F,
+) where
+    F: Fn(Arc<Proxy>, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+{
+    let handle = Arc::new(handle);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = drain.signaled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, direction, "proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            proxy.metrics.error(direction, "connection_limit");
+            continue;
+        };
+        let proxy = Arc::clone(&proxy);
+        let handle = Arc::clone(&handle);
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _drain = drain;
+            let metrics = proxy.metrics.clone();
+            if let Err(e) = handle(proxy, stream).await {
+                metrics.error(direction, e.reason());
+                tracing::debug!(error = %e, direction, "connection ended");
+            }
+        });
+    }
+}
+
 /// Connects with the proxy's connect timeout.
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, Error> {
     let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))

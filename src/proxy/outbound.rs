@@ -39,34 +39,12 @@ enum Plan {
 
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, target: Target, drain: drain::Watch) {
-    loop {
-        let (stream, _client) = tokio::select! {
-            _ = drain.signaled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = Arc::clone(&proxy.outbound_slots).try_acquire_owned() else {
-            proxy.metrics.error("outbound", "connection_limit");
-            continue;
-        };
-        let proxy = Arc::clone(&proxy);
+    let slots = Arc::clone(&proxy.outbound_slots);
+    super::accept_loop(listener, proxy, "outbound", slots, drain, move |proxy, stream| {
         let target = target.clone();
-        let drain = drain.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _drain = drain;
-            if let Err(e) = handle(&proxy, stream, &target).await {
-                proxy.metrics.error("outbound", e.reason());
-                tracing::debug!(error = %e, "outbound connection ended");
-            }
-        });
-    }
+        async move { handle(&proxy, stream, &target).await }
+    })
+    .await;
 }
 
 async fn handle(proxy: &Proxy, client: TcpStream, target: &Target) -> Result<(), Error> {

@@ -1,0 +1,170 @@
+//! Transparent mode in a network namespace this test creates: with `meshkeep redirect install`
+//! in force, a plain `curl http://<ClusterIP>` from an ordinary user reaches the backend through
+//! box A's outbound, mTLS, and box B's inbound. Needs root (namespaces, nftables).
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use meshkeep::identity::ca::standalone;
+use support::{Daemon, meshkeep, require_tool};
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program).args(args).status().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+/// Moves this test's thread into a new, private network namespace (unshare affects only the
+/// calling thread); the processes it spawns live there too, and it vanishes with them.
+fn enter_new_netns() -> bool {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("SKIPPED: transparent-mode test needs root (network namespaces, nftables)");
+        return false;
+    }
+    for tool in ["ip", "nft", "setpriv", "curl", "python3"] {
+        require_tool(tool);
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare the network namespace");
+    run("ip", &["link", "set", "lo", "up"]);
+    // ClusterIPs need a route (with a loopback source) before the redirect rule rewrites them.
+    run("ip", &["route", "add", "10.96.0.0/12", "dev", "lo", "src", "127.0.0.1"]);
+    true
+}
+
+struct Backend(Child);
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn curl_to_a_cluster_ip_goes_through_both_proxies() {
+    if !enter_new_netns() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    // The backend on "box B": a real HTTP server.
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("marker.txt"), "served by the backend behind box B\n").unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _backend = Backend(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                site.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python http.server"),
+    );
+
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the backend did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let material = standalone("cluster.local", SystemTime::now(), Duration::from_secs(86400)).unwrap();
+    for (file, text) in [
+        ("issuer.crt", &material.certificate),
+        ("issuer.key", &material.private_key),
+        ("ca.crt", &material.trust_anchors),
+    ] {
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let identity = format!(
+        "[identity]\nissuer_certificate = {:?}\nissuer_key = {:?}\ntrust_anchors = {:?}\n",
+        dir.path().join("issuer.crt").display().to_string(),
+        dir.path().join("issuer.key").display().to_string(),
+        dir.path().join("ca.crt").display().to_string()
+    );
+    let b_inbound = SocketAddr::from(([127, 0, 0, 2], 4143));
+    let mut b = Daemon::builder()
+        .config(&format!("{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"web\"\n"))
+        .env("MESHKEEP_PROXY_INBOUND_LISTEN", b_inbound.to_string())
+        .spawn();
+
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("web.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{clusterIP: 10.96.0.50, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-b, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n  - addresses: [127.0.0.2]\n    targetRef: {{kind: Pod, namespace: shop, name: web-0}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, labels: {{meshkeep.io/meshed: \"true\"}}}}\nspec: {{serviceAccountName: web, containers: [{{name: web, image: w}}]}}\nstatus: {{podIP: 127.0.0.2}}\n"
+        ),
+    )
+    .unwrap();
+    let a_config = format!(
+        "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"client\"\n\
+         [upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n\
+         [redirect]\noutbound_cidrs = [\"10.96.0.0/12\"]\nproxy_user = \"{}\"\n",
+        manifests.display().to_string(),
+        nix::unistd::getuid().as_raw()
+    );
+    let mut a = Daemon::builder()
+        .config(&a_config)
+        .env("MESHKEEP_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140")
+        .env("MESHKEEP_PROXY_INBOUND_LISTEN", "127.0.0.1:4143")
+        .spawn();
+    a.wait_ready();
+    b.wait_ready();
+    for daemon in [&a, &b] {
+        daemon
+            .wait_for("proxy certificate", Duration::from_secs(60), |d| d.log().contains("proxy: TLS identity in use"));
+    }
+    a.wait_for("web.shop known", Duration::from_secs(30), |d| d.resolve("web.shop")["result"] == "found");
+
+    let config = a.config_path().unwrap().display().to_string();
+    let installed = meshkeep(a.path(), &["-c", &config, "redirect", "install"], &[]);
+    assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+
+    // An ordinary user's curl, unaware of the mesh.
+    let curl = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "http://10.96.0.50/marker.txt",
+        ])
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&curl.stdout);
+    assert!(
+        body.contains("served by the backend behind box B"),
+        "curl: {body}{}\nA:\n{}\nB:\n{}",
+        String::from_utf8_lossy(&curl.stderr),
+        a.log(),
+        b.log()
+    );
+
+    let (_, metrics) = a.get("/metrics");
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "tcp_open_total{direction=\"outbound\",tls=\"true\",target=\"web.shop.svc.cluster.local:80\""
+        )),
+        "{metrics}"
+    );
+
+    let removed = meshkeep(a.path(), &["-c", &config, "redirect", "remove"], &[]);
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("meshkeep"), "table left behind");
+}
