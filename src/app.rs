@@ -202,6 +202,7 @@ async fn start_proxy(
         tls_rx,
         metrics,
     ));
+    shared.http.register(registry);
     let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.with_context(|| format!("proxy: cannot listen on {addr} ({what})"))
     };

@@ -86,9 +86,12 @@ struct Boxes {
 }
 
 fn two_boxes(endpoint_sa: Option<&str>) -> Boxes {
+    two_boxes_to(echo_server(), endpoint_sa)
+}
+
+fn two_boxes_to(backend: SocketAddr, endpoint_sa: Option<&str>) -> Boxes {
     let dirs = tempfile::tempdir().unwrap();
     let identity = shared_issuer(dirs.path());
-    let backend = echo_server();
     let b_inbound = SocketAddr::from(([127, 0, 0, 2], free_port_on_b()));
     let b = Daemon::builder()
         .config(&format!("{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"echo\"\n"))
@@ -211,4 +214,118 @@ fn an_unmeshed_endpoint_is_reached_directly() {
     daemon.wait_for("echo.shop known", Duration::from_secs(30), |d| d.resolve("echo.shop")["result"] == "found");
     assert_eq!(round_trip(listen, b"plain").unwrap(), b"plain");
     assert!(metric(&daemon, "tcp_open_total{direction=\"outbound\",tls=\"no_identity\"") >= 1.0);
+}
+
+/// An HTTP backend (HTTP/1.1 and HTTP/2 prior knowledge) that echoes the request body and
+/// reports the version and Host it saw; `/status/N` answers N.
+fn http_backend() -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|request: hyper::Request<Incoming>| async move {
+                        let version = format!("{:?}", request.version());
+                        let host = request
+                            .headers()
+                            .get("host")
+                            .and_then(|h| h.to_str().ok())
+                            .map(str::to_owned)
+                            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+                            .unwrap_or_default();
+                        let status = request
+                            .uri()
+                            .path()
+                            .strip_prefix("/status/")
+                            .and_then(|s| s.parse::<u16>().ok())
+                            .unwrap_or(200);
+                        let leaked: Vec<String> = request
+                            .headers()
+                            .keys()
+                            .filter(|k| k.as_str().starts_with("meshkeep-"))
+                            .map(|k| k.to_string())
+                            .collect();
+                        let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let response = hyper::Response::builder()
+                            .status(status)
+                            .header("x-seen-version", version)
+                            .header("x-seen-host", host)
+                            .header("x-leaked", leaked.join(","))
+                            .body(Full::new(body))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// Runs curl with `args`; returns (status line info, headers and body as text).
+fn curl(args: &[&str]) -> String {
+    let output = std::process::Command::new(support::require_tool("curl"))
+        .args(["-sS", "--max-time", "30", "-D", "-"])
+        .args(args)
+        .output()
+        .expect("curl");
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+#[test]
+fn http1_and_http2_cross_two_boxes_and_are_counted() {
+    let boxes = two_boxes_to(http_backend(), Some("echo"));
+    let url = format!("http://{}/hello", boxes.listener);
+
+    let http1 = curl(&["--http1.1", "-H", "Host: echo.shop", "--data-binary", "ping over http/1.1", &url]);
+    assert!(http1.starts_with("HTTP/1.1 200"), "{http1}");
+    assert!(http1.contains("x-seen-version: HTTP/1.1"), "the backend gets the client's version back\n{http1}");
+    assert!(http1.contains("x-seen-host: echo.shop"), "{http1}");
+    assert!(http1.contains("x-leaked: \r\n"), "meshkeep's own headers must not reach the backend\n{http1}");
+    assert!(http1.ends_with("ping over http/1.1"), "{http1}");
+
+    let http2 = curl(&["--http2-prior-knowledge", "--data-binary", "ping over h2", &url]);
+    assert!(http2.starts_with("HTTP/2 200"), "{http2}");
+    assert!(http2.contains("x-seen-version: HTTP/2.0"), "{http2}");
+    assert!(http2.ends_with("ping over h2"), "{http2}");
+
+    // A chunked upload of 3 MiB arrives intact.
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("upload.bin");
+    let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|i: u32| b'a' + (i % 26) as u8).collect();
+    std::fs::write(&upload, &payload).unwrap();
+    let output = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--http1.1", "-H", "Transfer-Encoding: chunked", "--data-binary"])
+        .arg(format!("@{}", upload.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(output.stdout == payload, "chunked upload came back with {} bytes", output.stdout.len());
+
+    let failing = curl(&["--http1.1", &format!("http://{}/status/503", boxes.listener)]);
+    assert!(failing.starts_with("HTTP/1.1 503"), "{failing}");
+
+    let requests = metric(
+        &boxes.a,
+        "request_total{direction=\"outbound\",authority=\"echo.shop.svc.cluster.local:80\",tls=\"true\"}",
+    );
+    assert_eq!(requests, 4.0, "box A counted every request");
+    let failures = metric(
+        &boxes.a,
+        "response_total{direction=\"outbound\",authority=\"echo.shop.svc.cluster.local:80\",tls=\"true\",status_code=\"503\",classification=\"failure\"}",
+    );
+    assert_eq!(failures, 1.0);
+    let inbound = metric(&boxes.b, "request_total{direction=\"inbound\"");
+    assert_eq!(inbound, 4.0, "box B counted them too");
+    let (_, text) = boxes.a.get("/metrics");
+    assert!(text.contains("response_latency_ms_bucket{"), "{text}");
 }

@@ -23,6 +23,12 @@ fn enter_new_netns() -> bool {
         eprintln!("SKIPPED: transparent-mode test needs root (network namespaces, nftables)");
         return false;
     }
+    if std::env::var_os("MESHKEEP_UNDER_QEMU_USER").is_some() {
+        // qemu-user answers getsockopt(SO_ORIGINAL_DST) with ENOPROTOOPT, so an emulated daemon
+        // cannot learn where a redirected connection was going. The native run covers this.
+        eprintln!("SKIPPED: transparent-mode test cannot run under qemu-user (SO_ORIGINAL_DST is not emulated)");
+        return false;
+    }
     for tool in ["ip", "nft", "setpriv", "curl", "python3"] {
         require_tool(tool);
     }
@@ -158,7 +164,7 @@ fn curl_to_a_cluster_ip_goes_through_both_proxies() {
     let (_, metrics) = a.get("/metrics");
     assert!(
         metrics.lines().any(|l| l.starts_with(
-            "tcp_open_total{direction=\"outbound\",tls=\"true\",target=\"web.shop.svc.cluster.local:80\""
+            "request_total{direction=\"outbound\",authority=\"web.shop.svc.cluster.local:80\",tls=\"true\"} 1"
         )),
         "{metrics}"
     );

@@ -18,13 +18,18 @@ use crate::identity::tls::peer_identity;
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: drain::Watch) {
     let slots = Arc::clone(&proxy.inbound_slots);
-    super::accept_loop(listener, proxy, "inbound", slots, drain, |proxy, stream| async move {
-        handle(&proxy, stream).await
-    })
+    super::accept_loop(
+        listener,
+        proxy,
+        "inbound",
+        slots,
+        drain,
+        |proxy, stream| async move { handle(proxy, stream).await },
+    )
     .await;
 }
 
-async fn handle(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
+async fn handle(proxy: Arc<Proxy>, stream: TcpStream) -> Result<(), Error> {
     let _ = stream.set_nodelay(true);
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(proxy.detect_timeout, stream.peek(&mut first))
@@ -33,10 +38,10 @@ async fn handle(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
     if peeked == 0 {
         return Ok(());
     }
-    if first[0] == 0x16 { mutual_tls(proxy, stream).await } else { plaintext(proxy, stream).await }
+    if first[0] == 0x16 { mutual_tls(proxy, stream).await } else { plaintext(&proxy, stream).await }
 }
 
-async fn mutual_tls(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
+async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream) -> Result<(), Error> {
     let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
     let accept = TlsAcceptor::from(Arc::clone(&tls.server)).accept(stream);
     let mut session = tokio::time::timeout(proxy.detect_timeout * 5, accept)
@@ -51,6 +56,11 @@ async fn mutual_tls(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
     let header = tokio::time::timeout(proxy.detect_timeout * 5, Header::read(&mut session))
         .await
         .map_err(|_| Error::Timeout("transport header"))??;
+    if header.protocol == super::detect::Protocol::Http2 {
+        let authority = header.authority.clone().unwrap_or_else(|| header.target_port.to_string());
+        tracing::debug!(client = %client_identity, %authority, "inbound: HTTP/2 from a peer");
+        return super::http::serve_inbound(Arc::clone(&proxy), session, header.target_port, authority).await;
+    }
     let target = SocketAddr::new(proxy.inbound_target, header.target_port);
     let labels = ConnectionLabels {
         direction: "inbound",

@@ -9,6 +9,7 @@
 //! to the local target port.
 
 pub mod detect;
+pub mod http;
 mod inbound;
 pub mod metrics;
 mod orig_dst;
@@ -69,6 +70,10 @@ pub struct Proxy {
     /// Bounds open connections per direction; a connection over the limit is closed at once.
     pub outbound_slots: Arc<Semaphore>,
     pub inbound_slots: Arc<Semaphore>,
+    pub opaque_ports: Vec<u16>,
+    pub http: http::HttpMetrics,
+    peers: http::PeerPool,
+    plain: http::PlainClients,
     round_robin: AtomicUsize,
 }
 
@@ -94,6 +99,10 @@ impl Proxy {
             outbound_listen: config.outbound_listen,
             outbound_slots: Arc::new(Semaphore::new(config.max_connections)),
             inbound_slots: Arc::new(Semaphore::new(config.max_connections)),
+            opaque_ports: config.opaque_ports.clone(),
+            http: http::HttpMetrics::default(),
+            peers: http::PeerPool::default(),
+            plain: http::PlainClients::new(),
             round_robin: AtomicUsize::new(0),
         }
     }
@@ -204,6 +213,40 @@ async fn accept_loop<F, Fut>(
                 tracing::debug!(error = %e, direction, "connection ended");
             }
         });
+    }
+}
+
+/// Reads (without consuming) the first bytes until the protocol is clear or the detect timeout
+/// passes (then it is opaque: server-speaks-first protocols send nothing). An HTTP/1 request
+/// asking for an Upgrade (WebSocket) is carried as opaque TCP, untouched.
+async fn detect_protocol(stream: &tokio::net::TcpStream, timeout: Duration) -> detect::Protocol {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return detect::Protocol::Opaque,
+        };
+        let prefix = &buf[..peeked];
+        if let Some(protocol) = detect::detect(prefix) {
+            if protocol == detect::Protocol::Http1 {
+                let head_end = prefix.windows(4).position(|w| w == b"\r\n\r\n");
+                if head_end.is_none() && peeked < buf.len() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                let head = String::from_utf8_lossy(&prefix[..head_end.unwrap_or(peeked)]).to_ascii_lowercase();
+                if head.contains("\nupgrade:") {
+                    return detect::Protocol::Opaque;
+                }
+            }
+            return protocol;
+        }
+        if peeked == 0 || tokio::time::Instant::now() >= deadline {
+            return detect::Protocol::Opaque;
+        }
+        // More bytes are on their way; peek does not wait for new ones.
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -42,28 +42,65 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, target: Target, dra
     let slots = Arc::clone(&proxy.outbound_slots);
     super::accept_loop(listener, proxy, "outbound", slots, drain, move |proxy, stream| {
         let target = target.clone();
-        async move { handle(&proxy, stream, &target).await }
+        async move { handle(proxy, stream, target).await }
     })
     .await;
 }
 
-async fn handle(proxy: &Proxy, client: TcpStream, target: &Target) -> Result<(), Error> {
+/// Where a connection is going, before an endpoint is chosen.
+#[derive(Debug, Clone)]
+enum Destination {
+    Addr(SocketAddr),
+    Name { name: String, port: u16 },
+}
+
+async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target) -> Result<(), Error> {
     let _ = client.set_nodelay(true);
-    let plan = match target {
+    let (destination, port) = match target {
         Target::Transparent => {
             let original = orig_dst::original_dst(&client).ok_or(Error::NotRedirected)?;
             if original == proxy.outbound_listen {
                 return Err(Error::NotRedirected);
             }
             if proxy.skip_ports.contains(&original.port()) {
-                Plan::Passthrough { addr: original }
-            } else {
-                plan_for_addr(proxy, original)?
+                return carry(&proxy, client, Plan::Passthrough { addr: original }).await;
             }
+            (Destination::Addr(original), original.port())
         }
-        Target::Service { name, port } => plan_for_name(proxy, name, *port)?,
+        Target::Service { name, port } => (Destination::Name { name, port }, port),
     };
-    carry(proxy, client, plan).await
+    let protocol = if proxy.opaque_ports.contains(&port) {
+        Protocol::Opaque
+    } else {
+        super::detect_protocol(&client, proxy.detect_timeout).await
+    };
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            super::http::serve_outbound(Arc::clone(&proxy), client, move |proxy| route(proxy, &destination)).await
+        }
+        Protocol::Opaque | Protocol::Tls => {
+            let plan = plan(&proxy, &destination)?;
+            carry(&proxy, client, plan).await
+        }
+    }
+}
+
+fn plan(proxy: &Proxy, destination: &Destination) -> Result<Plan, Error> {
+    match destination {
+        Destination::Addr(addr) => plan_for_addr(proxy, *addr),
+        Destination::Name { name, port } => plan_for_name(proxy, name, *port),
+    }
+}
+
+/// The destination of one HTTP request (chosen per request, so requests are balanced).
+fn route(proxy: &Proxy, destination: &Destination) -> Result<super::http::Route, Error> {
+    Ok(match plan(proxy, destination)? {
+        Plan::Meshed { peer, identity, target_port, authority } => {
+            super::http::Route::Meshed { peer, identity, target_port, authority }
+        }
+        Plan::Plain { addr, authority } => super::http::Route::Plain { addr, authority },
+        Plan::Passthrough { addr } => super::http::Route::Plain { addr, authority: "unknown".into() },
+    })
 }
 
 /// The plan for a connection to an address: a service's cluster IP, an endpoint IP, or unknown.
