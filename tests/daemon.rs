@@ -14,7 +14,7 @@ use support::{Daemon, meshkeep, require_tool};
 #[test]
 fn embedded_default_serves_admin_with_no_config_file() {
     if std::path::Path::new("/etc/meshkeep/config.toml").exists() {
-        eprintln!("SKIPPED: /etc/meshkeep/config.toml exists on this machine, so the embedded default is not in force");
+        support::skip("/etc/meshkeep/config.toml exists on this machine, so the embedded default is not in force");
         return;
     }
     let mut daemon = Daemon::builder().spawn();

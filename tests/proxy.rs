@@ -90,8 +90,13 @@ fn two_boxes(endpoint_sa: Option<&str>) -> Boxes {
 }
 
 fn two_boxes_to(backend: SocketAddr, endpoint_sa: Option<&str>) -> Boxes {
+    two_boxes_with(backend, endpoint_sa, "")
+}
+
+/// Two boxes whose `[identity]` tables also get `identity_extra` (keys only).
+fn two_boxes_with(backend: SocketAddr, endpoint_sa: Option<&str>, identity_extra: &str) -> Boxes {
     let dirs = tempfile::tempdir().unwrap();
-    let identity = shared_issuer(dirs.path());
+    let identity = format!("{}{identity_extra}", shared_issuer(dirs.path()));
     let b_inbound = SocketAddr::from(([127, 0, 0, 2], free_port_on_b()));
     let b = Daemon::builder()
         .config(&format!("{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"echo\"\n"))
@@ -328,4 +333,23 @@ fn http1_and_http2_cross_two_boxes_and_are_counted() {
     assert_eq!(inbound, 4.0, "box B counted them too");
     let (_, text) = boxes.a.get("/metrics");
     assert!(text.contains("response_latency_ms_bucket{"), "{text}");
+}
+
+#[test]
+fn certificate_rotation_keeps_established_connections_and_new_ones_use_the_new_certificate() {
+    let boxes = two_boxes_with(echo_server(), Some("echo"), "certificate_lifetime = \"4s\"\nclock_skew = \"0s\"\n");
+    let mut stream = TcpStream::connect(boxes.listener).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let echo = |stream: &mut TcpStream, text: &[u8]| {
+        stream.write_all(text).unwrap();
+        let mut buf = vec![0u8; text.len()];
+        stream.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, text);
+    };
+    echo(&mut stream, b"before rotation");
+    let rotations = |d: &Daemon| d.log().matches("proxy: TLS identity in use").count();
+    boxes.a.wait_for("A rotated twice", Duration::from_secs(30), |d| rotations(d) >= 3);
+    boxes.b.wait_for("B rotated twice", Duration::from_secs(30), |d| rotations(d) >= 3);
+    echo(&mut stream, b"after rotation, same connection");
+    assert_eq!(round_trip(boxes.listener, b"a new connection").unwrap(), b"a new connection");
 }

@@ -20,13 +20,15 @@ fn run(program: &str, args: &[&str]) {
 /// calling thread); the processes it spawns live there too, and it vanishes with them.
 fn enter_new_netns() -> bool {
     if !nix::unistd::getuid().is_root() {
-        eprintln!("SKIPPED: transparent-mode test needs root (network namespaces, nftables)");
+        support::skip("transparent-mode test needs root (network namespaces, nftables)");
         return false;
     }
     if std::env::var_os("MESHKEEP_UNDER_QEMU_USER").is_some() {
         // qemu-user answers getsockopt(SO_ORIGINAL_DST) with ENOPROTOOPT, so an emulated daemon
         // cannot learn where a redirected connection was going. The native run covers this.
-        eprintln!("SKIPPED: transparent-mode test cannot run under qemu-user (SO_ORIGINAL_DST is not emulated)");
+        support::skip(
+            "transparent-mode test cannot run under qemu-user (SO_ORIGINAL_DST is not emulated); the native run covers it",
+        );
         return false;
     }
     for tool in ["ip", "nft", "setpriv", "curl", "python3"] {

@@ -276,3 +276,10 @@ pub fn endpoint_ips(lookup: &serde_json::Value) -> Option<Vec<String>> {
     ips.sort();
     Some(ips)
 }
+
+/// Reports a test that cannot run here. Written straight to stderr, past the test harness's
+/// output capture, so a skip is always visible in the log and never passes silently.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+}
