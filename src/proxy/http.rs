@@ -201,7 +201,7 @@ async fn outbound_request(
         Ok(route) => route,
         Err(e) => {
             proxy.metrics.error("outbound", e.reason());
-            let status = if matches!(e, Error::NoEndpoint(_)) {
+            let status = if matches!(e, Error::NoEndpoint(_) | Error::EndpointsUnknown(_)) {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
                 StatusCode::BAD_GATEWAY

@@ -127,6 +127,9 @@ pub enum Error {
     /// The destination service has no ready endpoint.
     #[error("{0} has no ready endpoint")]
     NoEndpoint(String),
+    /// The destination's endpoints have never been listed: unknown, not empty.
+    #[error("the endpoints of {0} are unknown (not synced yet)")]
+    EndpointsUnknown(String),
     /// The destination is known to exist but cannot be resolved (explicit listener target).
     #[error("{name}: {reason}")]
     Unresolved { name: String, reason: String },
@@ -158,6 +161,7 @@ impl Error {
         match self {
             Error::NotRedirected => "not_redirected",
             Error::NoEndpoint(_) => "no_endpoint",
+            Error::EndpointsUnknown(_) => "endpoints_unknown",
             Error::Unresolved { .. } => "unresolved",
             Error::NoCertificate => "no_certificate",
             Error::Connect { .. } => "connect",

@@ -125,7 +125,7 @@ fn plan_for_name(proxy: &Proxy, name: &str, port: u16) -> Result<Plan, Error> {
 /// Picks a ready endpoint (round robin) and the port on it that `service_port` maps to.
 fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<Plan, Error> {
     let authority = format!("{}:{service_port}", resolved.fqdn);
-    let endpoints = resolved.endpoints.as_ref().ok_or_else(|| Error::NoEndpoint(authority.clone()))?;
+    let endpoints = resolved.endpoints.as_ref().ok_or_else(|| Error::EndpointsUnknown(authority.clone()))?;
     let ready: Vec<_> = endpoints.iter().filter(|e| e.ready && !e.addresses.is_empty()).collect();
     if ready.is_empty() {
         return Err(Error::NoEndpoint(authority));
