@@ -47,6 +47,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
 
     let state_dir = config.store.state_dir();
     prepare_state_dir(state_dir)?;
+    raise_open_files_limit();
 
     let readiness = Readiness::new();
     let listeners_ready = readiness.gate("listeners");
@@ -289,4 +290,18 @@ fn prepare_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .and_then(|()| std::fs::remove_file(&probe))
         .with_context(|| format!("state directory {} is not writable", dir.display()))?;
     Ok(())
+}
+
+/// A proxy holds two descriptors per connection: the soft limit (often 1024) is raised to the
+/// hard limit the service manager allows (systemd's default hard limit is 524288).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
 }

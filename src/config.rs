@@ -457,6 +457,13 @@ pub struct ProxyConfig {
     /// How long a client may take to send its first bytes.
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request's headers (slow clients are cut).
+    pub header_read_timeout: Duration,
+    /// An opaque TCP connection with no bytes either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// An HTTP connection with no bytes for this long is closed gracefully (requests in flight
+    /// finish first).
+    pub http_idle_timeout: Duration,
     /// Open connections per direction.
     pub max_connections: usize,
     /// Ports whose traffic is never protocol-detected (Linkerd's defaults).
@@ -478,6 +485,9 @@ impl Default for ProxyConfig {
             inbound_plaintext: PlaintextPolicy::Refuse,
             detect_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
+            header_read_timeout: Duration::from_secs(10),
+            tcp_idle_timeout: Duration::from_secs(3600),
+            http_idle_timeout: Duration::from_secs(90),
             max_connections: 10_000,
             opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
             skip_ports: Vec::new(),

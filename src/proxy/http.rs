@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -28,13 +30,19 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
+use super::tcp::{Activity, Counted};
 use super::transport::Header;
 use super::{Error, Proxy, connect};
+use crate::drain;
 
 /// Request header naming the port on the peer a request is for.
 pub const TARGET_PORT_HEADER: &str = "meshkeep-target-port";
 /// Request header carrying the client's HTTP version across the HTTP/2 hop.
 pub const ORIGINAL_VERSION_HEADER: &str = "meshkeep-original-version";
+/// HTTP/2 PING interval on connections to peers while requests are in flight: a peer that stops
+/// answering is found out and dropped (hyper's keep-alive timeout of 20 s applies). Servers send
+/// no pings: an idle connection is closed by the idle timeout instead.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Response header saying why the proxy answered itself.
 pub const ERROR_HEADER: &str = "meshkeep-error";
 
@@ -167,11 +175,50 @@ pub enum Route {
     Plain { addr: SocketAddr, authority: String },
 }
 
+/// Runs an HTTP server connection to its end. It is closed gracefully (requests in flight
+/// finish, then the connection closes) once nothing has moved on it for `idle`, or when the
+/// drain starts.
+async fn drive<C, E>(
+    connection: C,
+    shutdown: impl Fn(Pin<&mut C>),
+    activity: Activity,
+    idle: Duration,
+    drain: drain::Watch,
+) -> Result<(), Error>
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut connection = std::pin::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                return result.map_err(|e| Error::Io(std::io::Error::other(e.to_string())));
+            }
+            () = activity.idle_for(idle), if !closing => {
+                closing = true;
+                shutdown(connection.as_mut());
+            }
+            () = drain.signaled(), if !closing => {
+                closing = true;
+                shutdown(connection.as_mut());
+            }
+        }
+    }
+}
+
 /// Serves HTTP/1 and HTTP/2 from a local client; `route` picks a destination for each request.
-pub async fn serve_outbound<R>(proxy: Arc<Proxy>, client: tokio::net::TcpStream, route: R) -> Result<(), Error>
+pub async fn serve_outbound<R>(
+    proxy: Arc<Proxy>,
+    client: Counted<tokio::net::TcpStream>,
+    route: R,
+    drain: drain::Watch,
+) -> Result<(), Error>
 where
     R: Fn(&Proxy) -> Result<Route, Error> + Send + Sync + 'static,
 {
+    let (activity, idle, header_timeout) = (client.activity(), proxy.http_idle_timeout, proxy.header_read_timeout);
     let route = Arc::new(route);
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
@@ -179,16 +226,10 @@ where
         async move { Ok::<_, Infallible>(outbound_request(&proxy, route(&proxy), request).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
     builder.http2().max_header_list_size(64 * 1024);
-    builder
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    drive(connection, |c| c.graceful_shutdown(), activity, idle, drain).await
 }
 
 async fn outbound_request(
@@ -328,7 +369,7 @@ async fn open_peer(
     stream.write_all(&header.encode()).await?;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_interval(KEEP_ALIVE)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: format!("HTTP/2: {e}") })?;
@@ -344,21 +385,27 @@ async fn open_peer(
 /// `proxy.inbound_target`, in the version the original client used.
 /// `authority` (from the transport header) labels the metrics, so a client's Host header cannot
 /// grow their cardinality.
-pub async fn serve_inbound<S>(proxy: Arc<Proxy>, session: S, default_port: u16, authority: String) -> Result<(), Error>
+pub async fn serve_inbound<S>(
+    proxy: Arc<Proxy>,
+    session: Counted<S>,
+    default_port: u16,
+    authority: String,
+    drain: drain::Watch,
+) -> Result<(), Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (activity, idle) = (session.activity(), proxy.http_idle_timeout);
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let authority = authority.clone();
         async move { Ok::<_, Infallible>(inbound_request(&proxy, request, default_port, &authority).await) }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024)
-        .serve_connection(TokioIo::new(session), service)
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
+        .serve_connection(TokioIo::new(session), service);
+    drive(connection, |c| c.graceful_shutdown(), activity, idle, drain).await
 }
 
 async fn inbound_request(

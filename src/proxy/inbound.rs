@@ -18,18 +18,13 @@ use crate::identity::tls::peer_identity;
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: drain::Watch) {
     let slots = Arc::clone(&proxy.inbound_slots);
-    super::accept_loop(
-        listener,
-        proxy,
-        "inbound",
-        slots,
-        drain,
-        |proxy, stream| async move { handle(proxy, stream).await },
-    )
+    super::accept_loop(listener, proxy, "inbound", slots, drain, |proxy, stream, drain| async move {
+        handle(proxy, stream, drain).await
+    })
     .await;
 }
 
-async fn handle(proxy: Arc<Proxy>, stream: TcpStream) -> Result<(), Error> {
+async fn handle(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -> Result<(), Error> {
     let _ = stream.set_nodelay(true);
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(proxy.detect_timeout, stream.peek(&mut first))
@@ -38,10 +33,10 @@ async fn handle(proxy: Arc<Proxy>, stream: TcpStream) -> Result<(), Error> {
     if peeked == 0 {
         return Ok(());
     }
-    if first[0] == 0x16 { mutual_tls(proxy, stream).await } else { plaintext(&proxy, stream).await }
+    if first[0] == 0x16 { mutual_tls(proxy, stream, drain).await } else { plaintext(&proxy, stream).await }
 }
 
-async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream) -> Result<(), Error> {
+async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -> Result<(), Error> {
     let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
     let accept = TlsAcceptor::from(Arc::clone(&tls.server)).accept(stream);
     let mut session = tokio::time::timeout(proxy.detect_timeout * 5, accept)
@@ -56,12 +51,6 @@ async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream) -> Result<(), Error> {
     let header = tokio::time::timeout(proxy.detect_timeout * 5, Header::read(&mut session))
         .await
         .map_err(|_| Error::Timeout("transport header"))??;
-    if header.protocol == super::detect::Protocol::Http2 {
-        let authority = header.authority.clone().unwrap_or_else(|| header.target_port.to_string());
-        tracing::debug!(client = %client_identity, %authority, "inbound: HTTP/2 from a peer");
-        return super::http::serve_inbound(Arc::clone(&proxy), session, header.target_port, authority).await;
-    }
-    let target = SocketAddr::new(proxy.inbound_target, header.target_port);
     let labels = ConnectionLabels {
         direction: "inbound",
         tls: "true",
@@ -69,9 +58,16 @@ async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream) -> Result<(), Error> {
         identity: client_identity,
     };
     let open = OpenConnection::new(&proxy.metrics, labels);
+    let session = Counted::new(session, open.read_counter(), open.write_counter());
+    if header.protocol == super::detect::Protocol::Http2 {
+        let authority = header.authority.clone().unwrap_or_else(|| header.target_port.to_string());
+        tracing::debug!(%authority, "inbound: HTTP/2 from a peer");
+        return super::http::serve_inbound(Arc::clone(&proxy), session, header.target_port, authority, drain).await;
+    }
+    let target = SocketAddr::new(proxy.inbound_target, header.target_port);
     let mut local = connect(target, proxy.connect_timeout).await?;
-    let mut session = Counted::new(session, open.read_counter(), open.write_counter());
-    splice(&mut session, &mut local).await?;
+    let mut session = session;
+    splice(&mut session, &mut local, proxy.tcp_idle_timeout).await?;
     drop(open);
     Ok(())
 }
@@ -91,7 +87,7 @@ async fn plaintext(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
     let open = OpenConnection::new(&proxy.metrics, labels);
     let mut local = connect(SocketAddr::new(proxy.inbound_target, original.port()), proxy.connect_timeout).await?;
     let mut client = Counted::new(stream, open.read_counter(), open.write_counter());
-    splice(&mut client, &mut local).await?;
+    splice(&mut client, &mut local, proxy.tcp_idle_timeout).await?;
     drop(open);
     Ok(())
 }

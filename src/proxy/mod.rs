@@ -65,6 +65,9 @@ pub struct Proxy {
     pub inbound_plaintext: PlaintextPolicy,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub http_idle_timeout: Duration,
     pub skip_ports: Vec<u16>,
     pub outbound_listen: SocketAddr,
     /// Bounds open connections per direction; a connection over the limit is closed at once.
@@ -95,6 +98,9 @@ impl Proxy {
             inbound_plaintext: config.inbound_plaintext,
             detect_timeout: config.detect_timeout.get(),
             connect_timeout: config.connect_timeout.get(),
+            header_read_timeout: config.header_read_timeout.get(),
+            tcp_idle_timeout: config.tcp_idle_timeout.get(),
+            http_idle_timeout: config.http_idle_timeout.get(),
             skip_ports: config.skip_ports.clone(),
             outbound_listen: config.outbound_listen,
             outbound_slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -169,6 +175,7 @@ impl Error {
             Error::Header(_) => "header",
             Error::Refused(_) => "refused",
             Error::Timeout(_) => "timeout",
+            Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => "idle",
             Error::Io(_) => "io",
         }
     }
@@ -184,7 +191,7 @@ async fn accept_loop<F, Fut>(
     drain: crate::drain::Watch,
     handle: F,
 ) where
-    F: Fn(Arc<Proxy>, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    F: Fn(Arc<Proxy>, tokio::net::TcpStream, crate::drain::Watch) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), Error>> + Send + 'static,
 {
     let handle = Arc::new(handle);
@@ -210,9 +217,10 @@ async fn accept_loop<F, Fut>(
         let drain = drain.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _drain = drain;
             let metrics = proxy.metrics.clone();
-            if let Err(e) = handle(proxy, stream).await {
+            // The connection holds `drain` until it ends: shutdown waits for it (HTTP connections
+            // close gracefully when the drain starts; opaque ones run until the deadline).
+            if let Err(e) = handle(proxy, stream, drain).await {
                 metrics.error(direction, e.reason());
                 tracing::debug!(error = %e, direction, "connection ended");
             }

@@ -37,12 +37,24 @@ enum Plan {
     Passthrough { addr: SocketAddr },
 }
 
+impl Plan {
+    /// Metric labels of a connection carried this way.
+    fn labels(&self, direction: &'static str) -> ConnectionLabels {
+        let (tls, target, identity) = match self {
+            Plan::Meshed { identity, authority, .. } => ("true", authority.clone(), identity.clone()),
+            Plan::Plain { authority, .. } => ("no_identity", authority.clone(), String::new()),
+            Plan::Passthrough { .. } => ("passthrough", "unknown".to_owned(), String::new()),
+        };
+        ConnectionLabels { direction, tls, target, identity }
+    }
+}
+
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, target: Target, drain: drain::Watch) {
     let slots = Arc::clone(&proxy.outbound_slots);
-    super::accept_loop(listener, proxy, "outbound", slots, drain, move |proxy, stream| {
+    super::accept_loop(listener, proxy, "outbound", slots, drain, move |proxy, stream, drain| {
         let target = target.clone();
-        async move { handle(proxy, stream, target).await }
+        async move { handle(proxy, stream, target, drain).await }
     })
     .await;
 }
@@ -54,7 +66,17 @@ enum Destination {
     Name { name: String, port: u16 },
 }
 
-async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target) -> Result<(), Error> {
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // An address nothing knows is not a bounded label: it is reported as unknown.
+            Destination::Addr(_) => f.write_str("unknown"),
+            Destination::Name { name, port } => write!(f, "{name}:{port}"),
+        }
+    }
+}
+
+async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: drain::Watch) -> Result<(), Error> {
     let _ = client.set_nodelay(true);
     let (destination, port) = match target {
         Target::Transparent => {
@@ -76,7 +98,21 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target) -> Result<
     };
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            super::http::serve_outbound(Arc::clone(&proxy), client, move |proxy| route(proxy, &destination)).await
+            // The connection's metrics are labelled with its destination as first resolved; each
+            // request is routed on its own.
+            let labels = match plan(&proxy, &destination) {
+                Ok(plan) => plan.labels("outbound"),
+                Err(_) => ConnectionLabels {
+                    direction: "outbound",
+                    tls: "no_identity",
+                    target: destination.to_string(),
+                    identity: String::new(),
+                },
+            };
+            let open = OpenConnection::new(&proxy.metrics, labels);
+            let client = Counted::new(client, open.read_counter(), open.write_counter());
+            let route = move |proxy: &Proxy| route(proxy, &destination);
+            super::http::serve_outbound(Arc::clone(&proxy), client, route, drain).await
         }
         Protocol::Opaque | Protocol::Tls => {
             let plan = plan(&proxy, &destination)?;
@@ -155,17 +191,12 @@ fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<Pla
 }
 
 async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan) -> Result<(), Error> {
-    let (tls, target, identity) = match &plan {
-        Plan::Meshed { identity, authority, .. } => ("true", authority.clone(), identity.clone()),
-        Plan::Plain { authority, .. } => ("no_identity", authority.clone(), String::new()),
-        Plan::Passthrough { .. } => ("passthrough", "unknown".to_owned(), String::new()),
-    };
-    let open = OpenConnection::new(&proxy.metrics, ConnectionLabels { direction: "outbound", tls, target, identity });
+    let open = OpenConnection::new(&proxy.metrics, plan.labels("outbound"));
     let mut client = Counted::new(client, open.read_counter(), open.write_counter());
     match plan {
         Plan::Passthrough { addr } | Plan::Plain { addr, .. } => {
             let mut server = connect(addr, proxy.connect_timeout).await?;
-            splice(&mut client, &mut server).await?;
+            splice(&mut client, &mut server, proxy.tcp_idle_timeout).await?;
         }
         Plan::Meshed { peer, identity, target_port, authority } => {
             let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
@@ -179,7 +210,7 @@ async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan) -> Result<(), Error
                 .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: e.to_string() })?;
             let header = Header { target_port, protocol: Protocol::Opaque, authority: Some(authority) };
             server.write_all(&header.encode()).await?;
-            splice(&mut client, &mut server).await?;
+            splice(&mut client, &mut server, proxy.tcp_idle_timeout).await?;
         }
     }
     drop(open);

@@ -3,25 +3,76 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 /// Copy buffer per direction: bounded, so a connection costs at most twice this.
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
-/// A stream whose reads and writes add to counters as they happen.
+/// When bytes last moved on a connection, for idle timeouts. Cheap to touch on every read and
+/// write (one relaxed store); clones share the same clock.
+#[derive(Debug, Clone)]
+pub struct Activity {
+    start: Instant,
+    /// Milliseconds after `start` of the last read or write.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self { start: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = self.last() + idle;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A stream whose reads and writes add to counters as they happen and mark its activity.
 #[derive(Debug)]
 pub struct Counted<S> {
     inner: S,
     read: Counter,
     written: Counter,
+    activity: Activity,
 }
 
 impl<S> Counted<S> {
     pub fn new(inner: S, read: Counter, written: Counter) -> Self {
-        Self { inner, read, written }
+        Self { inner, read, written, activity: Activity::new() }
+    }
+
+    /// The activity clock of this stream (shared with its clones).
+    pub fn activity(&self) -> Activity {
+        self.activity.clone()
     }
 }
 
@@ -32,6 +83,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.read.inc_by(n as u64);
+            self.activity.touch();
         }
         result
     }
@@ -42,6 +94,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let result = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &result {
             self.written.inc_by(*n as u64);
+            self.activity.touch();
         }
         result
     }
@@ -57,12 +110,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
 /// Copies both ways until both sides have finished. When one side ends its stream, the other
 /// side's write half is shut down (half-close) and the opposite direction keeps flowing.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// Nothing moving through `a` for `idle` ends the copy with a `TimedOut` error.
+pub async fn splice<S, B>(a: &mut Counted<S>, b: &mut B, idle: Duration) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER_BYTES, BUFFER_BYTES).await
+    let activity = a.activity();
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER_BYTES, BUFFER_BYTES) => copied,
+        () = activity.idle_for(idle) => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {}s", idle.as_secs())))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -74,7 +134,10 @@ mod tests {
     async fn splice_carries_both_directions_and_half_close() {
         let (mut client, mut proxy_front) = tokio::io::duplex(1024);
         let (mut proxy_back, mut server) = tokio::io::duplex(1024);
-        let copy = tokio::spawn(async move { splice(&mut proxy_front, &mut proxy_back).await });
+        let copy = tokio::spawn(async move {
+            let mut front = Counted::new(&mut proxy_front, Counter::default(), Counter::default());
+            splice(&mut front, &mut proxy_back, Duration::from_secs(60)).await
+        });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -98,5 +161,26 @@ mod tests {
         let mut buf = [0u8; 2];
         counted.read_exact(&mut buf).await.unwrap();
         assert_eq!((read.get(), written.get()), (2, 5));
+    }
+
+    #[tokio::test]
+    async fn an_idle_splice_ends_but_a_busy_one_does_not() {
+        let idle = Duration::from_millis(400);
+        let (mut client, proxy_front) = tokio::io::duplex(1024);
+        let (mut proxy_back, mut server) = tokio::io::duplex(1024);
+        let copy = tokio::spawn(async move {
+            let mut front = Counted::new(proxy_front, Counter::default(), Counter::default());
+            splice(&mut front, &mut proxy_back, idle).await
+        });
+        // Traffic every 150 ms keeps the connection well past the idle timeout.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut byte = [0u8; 1];
+            server.read_exact(&mut byte).await.unwrap();
+        }
+        assert!(!copy.is_finished(), "a busy connection was cut");
+        let ended = tokio::time::timeout(Duration::from_secs(5), copy).await.expect("an idle connection ends");
+        assert_eq!(ended.unwrap().expect_err("idle is an error").kind(), io::ErrorKind::TimedOut);
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod fake_kube;
+pub mod mesh;
 pub mod objects;
 
 use std::io::{Read, Write};
