@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// The daemons' log filter when set (benchmarks log less than tests).
+pub static LOG_FILTER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
 /// Generous, because the suite also runs under qemu-user emulation.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -82,7 +85,7 @@ fn launch(dir: &Path, admin: SocketAddr, config: Option<&Path>, env: &[(String, 
         .current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MESHKEEP_LOG", "debug,kube=info,hyper=info")
+        .env("MESHKEEP_LOG", LOG_FILTER.get().copied().unwrap_or("debug,kube=info,hyper=info"))
         .env("MESHKEEP_ADMIN_LISTEN", admin.to_string())
         // As systemd's RuntimeDirectory= would: each daemon gets its own identity socket.
         .env("RUNTIME_DIRECTORY", dir)
