@@ -153,7 +153,8 @@ fn main() {
     for http2 in [false, true] {
         let protocol = if http2 { "HTTP/2" } else { "HTTP/1.1" };
         for &rate in &rates {
-            let (mut d50, mut d99, mut m50, mut m99, mut a50, mut a99) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+            let (mut d50, mut d99, mut m50, mut m99, mut a50, mut a99) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
             for _ in 0..runs {
                 let d = oha(&direct, http2, Some(rate), seconds);
                 let m = oha(&meshed, http2, Some(rate), seconds);
@@ -178,7 +179,9 @@ fn main() {
     }
 
     println!();
-    println!("| protocol | direct max req/s | meshed max req/s | proxy CPU s per 1k req (A + B) | meshed req/s per proxy core |");
+    println!(
+        "| protocol | direct max req/s | meshed max req/s | proxy CPU s per 1k req (A + B) | meshed req/s per proxy core |"
+    );
     println!("|---|---|---|---|---|");
     for http2 in [false, true] {
         let protocol = if http2 { "HTTP/2" } else { "HTTP/1.1" };

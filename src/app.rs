@@ -119,6 +119,16 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
         start_proxy(&config, &mut registry, snapshots.clone(), proxy_certificate_rx, &drain_watch).await?;
     }
 
+    if config.dns.enabled {
+        let sockets = crate::dns::bind(config.dns.listen)
+            .await
+            .with_context(|| format!("dns: cannot listen on {} (UDP and TCP)", config.dns.listen))?;
+        let server = crate::dns::Server::new(&config.dns, discovery::Settings::from_config(&config), snapshots.clone());
+        server.register(&mut registry);
+        tokio::spawn(crate::dns::serve(Arc::new(server), sockets, drain_watch.clone()));
+        tracing::info!(addr = %config.dns.listen, upstreams = config.dns.upstreams.len(), "dns: serving mesh names");
+    }
+
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin: cannot listen on {}", config.admin.listen))?;

@@ -46,6 +46,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("MESHKEEP_ADMIN_LISTEN", "admin.listen"),
     ("MESHKEEP_PROXY_OUTBOUND_LISTEN", "proxy.outbound_listen"),
     ("MESHKEEP_PROXY_INBOUND_LISTEN", "proxy.inbound_listen"),
+    ("MESHKEEP_DNS_LISTEN", "dns.listen"),
     ("MESHKEEP_LOG", "log.filter"),
 ];
 
@@ -62,6 +63,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub proxy: ProxyConfig,
     pub redirect: RedirectConfig,
+    pub dns: DnsConfig,
     pub log: LogConfig,
 }
 
@@ -492,6 +494,41 @@ impl Default for ProxyConfig {
             opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
             skip_ports: Vec::new(),
             listeners: Vec::new(),
+        }
+    }
+}
+
+/// The DNS server for mesh names, answering from the store (so it keeps answering offline).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    pub enabled: bool,
+    /// UDP and TCP. Port 53 needs CAP_NET_BIND_SERVICE; systemd-resolved can route the cluster
+    /// domain to any port (systemd/meshkeep-resolved.conf).
+    pub listen: SocketAddr,
+    /// TTL of mesh answers (and of negative answers, through the SOA minimum).
+    pub ttl: Duration,
+    /// Also answer `svc.ns` (as if `svc.ns.svc.<cluster domain>`), for clients without the
+    /// cluster's search list.
+    pub short_names: bool,
+    /// Resolvers for every other name (`ip:port`, tried in order). None: other names are refused.
+    pub upstreams: Vec<SocketAddr>,
+    /// How long to wait for an upstream resolver before trying the next.
+    pub upstream_timeout: Duration,
+    /// Forwarded answers kept (by name and type), for at most their TTL.
+    pub cache_entries: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 4153)),
+            ttl: Duration::from_secs(5),
+            short_names: true,
+            upstreams: Vec::new(),
+            upstream_timeout: Duration::from_secs(2),
+            cache_entries: 1024,
         }
     }
 }

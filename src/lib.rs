@@ -10,6 +10,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod dns;
 pub mod drain;
 pub mod identity;
 pub mod logging;

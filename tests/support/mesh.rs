@@ -172,6 +172,8 @@ pub fn http_backend() -> SocketAddr {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                // As any real server: without it, HTTP/2's small frames wait on delayed ACKs.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(|request| async move {
                         Ok::<_, std::convert::Infallible>(backend_answer(request).await)

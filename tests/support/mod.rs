@@ -36,6 +36,8 @@ pub fn free_addr() -> SocketAddr {
 pub struct Daemon {
     child: Child,
     pub admin: SocketAddr,
+    /// The DNS server's address (UDP and TCP).
+    pub dns: SocketAddr,
     pub dir: tempfile::TempDir,
     config_path: Option<PathBuf>,
     env: Vec<(String, String)>,
@@ -72,8 +74,12 @@ impl DaemonBuilder {
             .expect("write config");
             path
         });
-        let child = launch(dir.path(), admin, config_path.as_deref(), &self.env);
-        Daemon { child, admin, dir, config_path, env: self.env }
+        // A DNS port of its own (kept across respawns), unless the test chose one.
+        let mut env = vec![("MESHKEEP_DNS_LISTEN".to_owned(), free_addr().to_string())];
+        env.extend(self.env);
+        let dns = env.iter().rev().find(|(k, _)| k == "MESHKEEP_DNS_LISTEN").and_then(|(_, v)| v.parse().ok()).unwrap();
+        let child = launch(dir.path(), admin, config_path.as_deref(), &env);
+        Daemon { child, admin, dns, dir, config_path, env }
     }
 }
 
