@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-APT_PACKAGES=(curl file openssl qemu-user-static iproute2 nftables python3 python3-pip systemd bind9-dnsutils)
+APT_PACKAGES=(curl file openssl qemu-user-static iproute2 nftables python3 python3-pip systemd bind9-dnsutils chromium)
 PIP_PACKAGES=(ziglang==0.17.1 cargo-zigbuild==0.24.1)
 
 missing=()

@@ -1,5 +1,6 @@
-//! The admin HTTP endpoint: /live, /ready, /metrics, /status and /resolve for operators,
-//! orchestrators and the CLI.
+//! The admin HTTP endpoint: /live, /ready, /metrics, /status, /config, /resolve and the golden
+//! metrics (/api/stat, /api/top) for operators, orchestrators and the CLI; and the dashboard
+//! at /, one page with no external assets.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request heads larger than this are refused.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// The dashboard: HTML, CSS and script in one file, nothing fetched from elsewhere.
+const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
 /// What the admin endpoint reports on.
 #[derive(Debug)]
@@ -45,6 +48,10 @@ pub struct State {
     /// The static parts of the status report; readiness and store size are filled per request.
     pub process: ProcessInfo,
     pub identity: Option<tokio::sync::watch::Receiver<crate::identity::manager::IdentityStatus>>,
+    /// The effective configuration as JSON. It holds paths to secrets, never their contents.
+    pub config_json: String,
+    /// The proxy's golden metrics, when the proxy runs.
+    pub golden: Option<Arc<crate::proxy::stats::Golden>>,
 }
 
 impl Admin {
@@ -60,6 +67,13 @@ impl Admin {
             return response;
         }
         match request.uri().path() {
+            "/" => {
+                let mut response = text(StatusCode::OK, DASHBOARD);
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+                response
+            }
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" => {
                 let pending = self.readiness.pending();
@@ -93,7 +107,29 @@ impl Admin {
                 Some(state) => resolve(state, request.uri().query().unwrap_or_default()),
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "no state yet\n"),
             },
-            _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /status or /resolve?name=\n"),
+            "/config" => match &self.state {
+                Some(state) => {
+                    let mut response = text(StatusCode::OK, state.config_json.clone());
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+                    response
+                }
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "no state yet\n"),
+            },
+            "/api/stat" | "/api/top" => {
+                let golden = self.state.as_ref().and_then(|s| s.golden.as_ref());
+                let rows = match golden {
+                    Some(golden) if request.uri().path() == "/api/stat" => golden.services(),
+                    Some(golden) => golden.routes(),
+                    None => Vec::new(),
+                };
+                json(&rows)
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /, /live, /ready, /metrics, /status, /config, /api/stat, /api/top or /resolve?name=\n",
+            ),
         }
     }
 }

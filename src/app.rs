@@ -115,9 +115,11 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     tokio::spawn(identity::socket::serve(identity_socket, manager, drain_watch.clone()));
     tracing::info!(path = %socket_path.display(), "identity: serving workloads on the local socket");
 
-    if config.proxy.enabled {
-        start_proxy(&config, &mut registry, snapshots.clone(), proxy_certificate_rx, &drain_watch).await?;
-    }
+    let golden = if config.proxy.enabled {
+        Some(start_proxy(&config, &mut registry, snapshots.clone(), proxy_certificate_rx, &drain_watch).await?)
+    } else {
+        None
+    };
 
     if config.dns.enabled {
         let sockets = crate::dns::bind(config.dns.listen)
@@ -143,6 +145,8 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
             ..ProcessInfo::default()
         },
         identity: Some(identity_status_rx),
+        config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
+        golden,
     };
     let admin = Arc::new(Admin::new(Arc::clone(&readiness), registry, Some(admin_state)));
     tokio::spawn(admin::serve(admin_listener, admin, drain_watch.clone()));
@@ -183,7 +187,7 @@ async fn start_proxy(
     snapshots: store::Snapshots,
     mut certificates: watch::Receiver<Option<identity::ca::Leaf>>,
     drain: &drain::Watch,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Arc<proxy::stats::Golden>> {
     let (tls_tx, tls_rx) = watch::channel(None);
     let tls_drain = drain.clone();
     tokio::spawn(async move {
@@ -233,7 +237,7 @@ async fn start_proxy(
         tracing::info!(listen = %listener.listen, service = %listener.service, port = listener.port, "proxy: explicit listener");
     }
     tracing::info!(outbound = %config.proxy.outbound_listen, inbound = %config.proxy.inbound_listen, "proxy: serving");
-    Ok(())
+    Ok(Arc::clone(&shared.http.golden))
 }
 
 /// The sources the configuration names; stored data of any other source is dropped.

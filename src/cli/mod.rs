@@ -9,6 +9,7 @@ use crate::config::{self, Source};
 
 mod cache;
 mod client;
+mod health;
 mod identity;
 
 /// Exit status for a configuration that cannot be used (sysexits' EX_CONFIG). The systemd unit
@@ -43,6 +44,32 @@ pub enum Command {
     Resolve {
         /// A name such as api.shop or api-east.shop.svc.cluster.local, or 10.0.0.1:80.
         target: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Whether the box is healthy and why not: findings, sources, cache, identity, traffic.
+    /// Exits 1 when unhealthy.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Preflight and health checks, one line each with a hint; exits 1 if any fails.
+    Check {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Golden metrics per service over the last minute: success rate, requests/s, latency.
+    Stat {
+        /// Only services whose name starts with this (e.g. web.shop).
+        service: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// The busiest routes (method and path), refreshed every 2 s on a terminal.
+    Top {
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -171,6 +198,18 @@ pub fn main(cli: Cli) -> ExitCode {
             identity::issue(&loaded.config, &namespace, &service_account, &out)
         }
         Command::Redirect { command } => redirect(&loaded.config, &command),
+        Command::Status { output } => match health::status(&loaded.config, output) {
+            Ok(0) => Ok(()),
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
+        Command::Check { output } => match health::check(&loaded.config, output) {
+            Ok(0) => Ok(()),
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
+        Command::Stat { service, output } => health::stat(&loaded.config, service.as_deref(), output),
+        Command::Top { once, output } => health::top(&loaded.config, once, output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -83,12 +83,13 @@ pub struct ResponseLabels {
     pub classification: &'static str,
 }
 
-/// request_total, response_total, response_latency_ms.
+/// request_total, response_total, response_latency_ms; and the last minute's golden metrics.
 #[derive(Debug, Clone)]
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
     latency: Family<RequestLabels, Histogram>,
+    pub golden: Arc<super::stats::Golden>,
 }
 
 impl Default for HttpMetrics {
@@ -102,6 +103,7 @@ impl Default for HttpMetrics {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
+            golden: Arc::default(),
         }
     }
 }
@@ -113,8 +115,9 @@ impl HttpMetrics {
         registry.register("response_latency_ms", "Time to response headers, in milliseconds", self.latency.clone());
     }
 
-    fn record(&self, labels: &RequestLabels, status: StatusCode, started: Instant) {
-        let classification = if status.is_server_error() { "failure" } else { "success" };
+    fn record(&self, labels: &RequestLabels, route: (&Method, &str), status: StatusCode, started: Instant) {
+        let failure = status.is_server_error();
+        let classification = if failure { "failure" } else { "success" };
         self.responses
             .get_or_create(&ResponseLabels {
                 direction: labels.direction,
@@ -124,7 +127,9 @@ impl HttpMetrics {
                 classification,
             })
             .inc();
-        self.latency.get_or_create(labels).observe(started.elapsed().as_secs_f64() * 1000.0);
+        let elapsed = started.elapsed();
+        self.latency.get_or_create(labels).observe(elapsed.as_secs_f64() * 1000.0);
+        self.golden.record(labels.direction, &labels.authority, route.0.as_str(), route.1, failure, elapsed);
     }
 }
 
@@ -265,6 +270,7 @@ async fn outbound_request(
         .or_else(|| request.uri().authority().map(ToString::to_string))
         .unwrap_or_else(|| labels.authority.clone());
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let method = request.method().clone();
     let result = match route {
         Route::Meshed { peer, identity, target_port, authority } => {
             let headers = request.headers_mut();
@@ -302,7 +308,7 @@ async fn outbound_request(
             empty_with(StatusCode::BAD_GATEWAY, &reason)
         }
     };
-    proxy.http.record(&labels, response.status(), started);
+    proxy.http.record(&labels, (&method, &path), response.status(), started);
     response
 }
 
@@ -431,6 +437,7 @@ async fn inbound_request(
     proxy.http.requests.get_or_create(&labels).inc();
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let method = parts.method.clone();
     let target = SocketAddr::new(proxy.inbound_target, port);
     parts.uri = absolute(&target.to_string(), &path);
     if version != Version::HTTP_2
@@ -448,6 +455,6 @@ async fn inbound_request(
             empty_with(StatusCode::BAD_GATEWAY, &reason)
         }
     };
-    proxy.http.record(&labels, response.status(), started);
+    proxy.http.record(&labels, (&method, &path), response.status(), started);
     response
 }

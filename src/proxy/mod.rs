@@ -14,6 +14,7 @@ mod inbound;
 pub mod metrics;
 mod orig_dst;
 mod outbound;
+pub mod stats;
 pub mod tcp;
 pub mod transport;
 

@@ -26,10 +26,39 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_meshkeep")
 }
 
+/// Ports this test process has handed out: never twice, so daemons started side by side (or
+/// in one network namespace) cannot be given the same port.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+fn first_time(addr: SocketAddr) -> bool {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    if handed_out.contains(&addr.port()) {
+        return false;
+    }
+    handed_out.push(addr.port());
+    true
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr")
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let addr = listener.local_addr().expect("local addr");
+        if first_time(addr) {
+            return addr;
+        }
+    }
+}
+
+/// A loopback address whose port was free a moment ago for both TCP and UDP (for DNS).
+pub fn free_udp_and_tcp_addr() -> SocketAddr {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let addr = tcp.local_addr().expect("local addr");
+        if std::net::UdpSocket::bind(addr).is_ok() && first_time(addr) {
+            return addr;
+        }
+    }
 }
 
 /// A running meshkeep daemon in its own temporary directory.
@@ -75,7 +104,7 @@ impl DaemonBuilder {
             path
         });
         // A DNS port of its own (kept across respawns), unless the test chose one.
-        let mut env = vec![("MESHKEEP_DNS_LISTEN".to_owned(), free_addr().to_string())];
+        let mut env = vec![("MESHKEEP_DNS_LISTEN".to_owned(), free_udp_and_tcp_addr().to_string())];
         env.extend(self.env);
         let dns = env.iter().rev().find(|(k, _)| k == "MESHKEEP_DNS_LISTEN").and_then(|(_, v)| v.parse().ok()).unwrap();
         let child = launch(dir.path(), admin, config_path.as_deref(), &env);
@@ -133,6 +162,17 @@ impl Daemon {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Runs a meshkeep command against this daemon (its configuration and admin address).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut full = Vec::new();
+        let config = self.config_path.as_ref().map(|p| p.display().to_string());
+        if let Some(config) = &config {
+            full.extend(["--config", config.as_str()]);
+        }
+        full.extend_from_slice(args);
+        meshkeep(self.dir.path(), &full, &[("MESHKEEP_ADMIN_LISTEN", &self.admin.to_string())])
     }
 
     /// The configuration file, if the daemon has one.

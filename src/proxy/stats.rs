@@ -1,0 +1,247 @@
+//! Golden metrics over the last minute, per service and per route: success rate, requests per
+//! second and latency percentiles. The dashboard, `meshkeep stat` and `meshkeep top` read them
+//! from the admin endpoint; Prometheus gets the cumulative counters from `http.rs`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// The window is this many slots of `SLOT` each.
+const SLOTS: usize = 6;
+const SLOT: Duration = Duration::from_secs(10);
+/// Upper bounds of the latency buckets, in milliseconds (Linkerd's, then overflow).
+const BOUNDS_MS: [f64; 25] = [
+    1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0, 1000.0, 2000.0, 3000.0,
+    4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
+];
+/// Routes kept for `top`; the least recently seen one makes room for a new one.
+const MAX_ROUTES: usize = 1000;
+/// Paths are cut to this length.
+const MAX_PATH: usize = 120;
+
+/// One row of `stat` or `top`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub direction: String,
+    pub authority: String,
+    /// `METHOD /path` for `top`; absent for per-service rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// Requests in the window.
+    pub requests: u64,
+    pub requests_per_second: f64,
+    /// Share of responses that are not failures (5xx or proxy errors); `None` without requests.
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// How many seconds the window covers (less than a minute just after start).
+    pub window_seconds: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    /// Which SLOT-long interval since `start` this slot holds.
+    epoch: u64,
+    requests: u64,
+    failures: u64,
+    buckets: [u64; BOUNDS_MS.len() + 1],
+}
+
+#[derive(Debug, Clone, Default)]
+struct Window {
+    slots: [Slot; SLOTS],
+    last_seen: u64,
+}
+
+impl Window {
+    fn record(&mut self, epoch: u64, failure: bool, latency_ms: f64) {
+        let slot = &mut self.slots[(epoch % SLOTS as u64) as usize];
+        if slot.epoch != epoch {
+            *slot = Slot { epoch, ..Slot::default() };
+        }
+        slot.requests += 1;
+        slot.failures += u64::from(failure);
+        let bucket = BOUNDS_MS.iter().position(|b| latency_ms <= *b).unwrap_or(BOUNDS_MS.len());
+        slot.buckets[bucket] += 1;
+        self.last_seen = epoch;
+    }
+
+    /// Totals over the slots still inside the window ending at `epoch`.
+    fn totals(&self, epoch: u64) -> Slot {
+        let mut total = Slot::default();
+        for slot in self.slots.iter().filter(|s| s.requests > 0 && epoch.saturating_sub(s.epoch) < SLOTS as u64) {
+            total.requests += slot.requests;
+            total.failures += slot.failures;
+            for (sum, count) in total.buckets.iter_mut().zip(slot.buckets.iter()) {
+                *sum += count;
+            }
+        }
+        total
+    }
+}
+
+/// Where `quantile` of the recorded latencies falls, interpolated inside its bucket.
+fn percentile(buckets: &[u64], quantile: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = quantile * total as f64;
+    let mut seen = 0.0;
+    for (i, count) in buckets.iter().enumerate() {
+        let count = *count as f64;
+        if count > 0.0 && seen + count >= rank {
+            let lower = if i == 0 { 0.0 } else { BOUNDS_MS[i - 1] };
+            let upper = BOUNDS_MS.get(i).copied().unwrap_or(lower * 2.0);
+            return Some(lower + (upper - lower) * ((rank - seen) / count).clamp(0.0, 1.0));
+        }
+        seen += count;
+    }
+    BOUNDS_MS.last().copied()
+}
+
+type Key = (&'static str, String, Option<String>);
+
+/// The sliding windows of every service and route.
+#[derive(Debug)]
+pub struct Golden {
+    start: Instant,
+    services: Mutex<HashMap<Key, Window>>,
+    routes: Mutex<HashMap<Key, Window>>,
+}
+
+impl Default for Golden {
+    fn default() -> Self {
+        Self { start: Instant::now(), services: Mutex::default(), routes: Mutex::default() }
+    }
+}
+
+impl Golden {
+    fn epoch(&self) -> u64 {
+        self.start.elapsed().as_secs() / SLOT.as_secs()
+    }
+
+    /// Records one response. `authority` is bounded (a service name), the route is kept for
+    /// at most `MAX_ROUTES` distinct method and path pairs.
+    pub fn record(
+        &self,
+        direction: &'static str,
+        authority: &str,
+        method: &str,
+        path: &str,
+        failure: bool,
+        latency: Duration,
+    ) {
+        let epoch = self.epoch();
+        let ms = latency.as_secs_f64() * 1000.0;
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        services.entry((direction, authority.to_owned(), None)).or_default().record(epoch, failure, ms);
+        drop(services);
+        let path = path.split('?').next().unwrap_or("/");
+        let path = match path.char_indices().nth(MAX_PATH) {
+            Some((cut, _)) => &path[..cut],
+            None => path,
+        };
+        let key = (direction, authority.to_owned(), Some(format!("{method} {path}")));
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if !routes.contains_key(&key)
+            && routes.len() >= MAX_ROUTES
+            && let Some(oldest) = routes.iter().min_by_key(|(_, w)| w.last_seen).map(|(k, _)| k.clone())
+        {
+            routes.remove(&oldest);
+        }
+        routes.entry(key).or_default().record(epoch, failure, ms);
+    }
+
+    /// Per-service rows, busiest first.
+    pub fn services(&self) -> Vec<Row> {
+        self.rows(&self.services)
+    }
+
+    /// Per-route rows, busiest first.
+    pub fn routes(&self) -> Vec<Row> {
+        self.rows(&self.routes)
+    }
+
+    fn rows(&self, map: &Mutex<HashMap<Key, Window>>) -> Vec<Row> {
+        let epoch = self.epoch();
+        // The current slot is partly filled: the window covers the full slots before it and
+        // the elapsed part of this one.
+        let elapsed = self.start.elapsed();
+        let into_slot = elapsed.as_secs_f64() - (epoch * SLOT.as_secs()) as f64;
+        let covered = ((SLOTS as u64 - 1) * SLOT.as_secs()) as f64 + into_slot;
+        let covered = covered.min(elapsed.as_secs_f64()).max(1.0);
+        let map = map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<Row> = map
+            .iter()
+            .filter_map(|((direction, authority, route), window)| {
+                let total = window.totals(epoch);
+                (total.requests > 0).then(|| Row {
+                    direction: (*direction).to_owned(),
+                    authority: authority.clone(),
+                    route: route.clone(),
+                    requests: total.requests,
+                    requests_per_second: total.requests as f64 / covered,
+                    success_rate: Some(1.0 - total.failures as f64 / total.requests as f64),
+                    p50_ms: percentile(&total.buckets, 0.50),
+                    p95_ms: percentile(&total.buckets, 0.95),
+                    p99_ms: percentile(&total.buckets, 0.99),
+                    window_seconds: covered.round() as u64,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.authority.cmp(&b.authority)));
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_rate_rate_and_percentiles_follow_what_was_recorded() {
+        let golden = Golden::default();
+        for i in 0..100u64 {
+            let failure = i % 10 == 0;
+            golden.record("outbound", "web.shop:80", "GET", "/a?x=1", failure, Duration::from_millis(i % 50 + 1));
+        }
+        golden.record("outbound", "db.shop:80", "POST", "/b", false, Duration::from_millis(3));
+        let services = golden.services();
+        assert_eq!(services.len(), 2);
+        let web = &services[0];
+        assert_eq!((web.authority.as_str(), web.requests), ("web.shop:80", 100), "busiest first");
+        assert!((web.success_rate.unwrap() - 0.9).abs() < 1e-9);
+        let (p50, p99) = (web.p50_ms.unwrap(), web.p99_ms.unwrap());
+        assert!((20.0..=30.0).contains(&p50), "p50 {p50}");
+        assert!((40.0..=50.0).contains(&p99), "p99 {p99}");
+        assert!(web.requests_per_second >= 100.0 * 0.9, "covers at least a second: {}", web.requests_per_second);
+        let routes = golden.routes();
+        assert_eq!(routes[0].route.as_deref(), Some("GET /a"), "query strings are not part of a route");
+    }
+
+    #[test]
+    fn old_slots_leave_the_window_and_routes_are_bounded() {
+        let mut window = Window::default();
+        window.record(0, false, 1.0);
+        window.record(3, true, 1.0);
+        assert_eq!(window.totals(5).requests, 2);
+        assert_eq!(window.totals(6).requests, 1, "epoch 0 is a minute old at epoch 6");
+        assert_eq!(window.totals(9).requests, 0);
+
+        let golden = Golden::default();
+        for i in 0..(MAX_ROUTES + 50) {
+            golden.record("inbound", "api", "GET", &format!("/item/{i}"), false, Duration::from_millis(1));
+        }
+        assert_eq!(golden.routes().len(), MAX_ROUTES);
+        assert_eq!(golden.services().len(), 1);
+    }
+
+    #[test]
+    fn percentiles_of_nothing_are_none() {
+        assert_eq!(percentile(&[0; 26], 0.5), None);
+    }
+}
