@@ -52,6 +52,8 @@ pub struct State {
     pub config_json: String,
     /// The proxy's golden metrics, when the proxy runs.
     pub golden: Option<Arc<crate::proxy::stats::Golden>>,
+    /// The proxy's balancer, when the proxy runs.
+    pub balancer: Option<Arc<crate::proxy::balance::Balancer>>,
 }
 
 impl Admin {
@@ -117,6 +119,10 @@ impl Admin {
                 }
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "no state yet\n"),
             },
+            "/api/endpoints" => match &self.state {
+                Some(state) => endpoints(state, request.uri().query().unwrap_or_default()),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "no state yet\n"),
+            },
             "/api/stat" | "/api/top" => {
                 let golden = self.state.as_ref().and_then(|s| s.golden.as_ref());
                 let rows = match golden {
@@ -150,6 +156,63 @@ fn resolve(state: &State, query: &str) -> Response<Full<Bytes>> {
         return text(StatusCode::BAD_REQUEST, "use /resolve?name=NAME or /resolve?addr=IP:PORT\n");
     };
     json(&lookup)
+}
+
+/// One endpoint of a service as `meshkeep endpoints` shows it: discovery's view and the
+/// balancer's.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct EndpointRow {
+    pub authority: String,
+    pub addr: String,
+    pub ready: bool,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    pub identity: Option<String>,
+    /// Share of the service's requests this endpoint received.
+    pub weight: f64,
+    pub ewma_ms: Option<f64>,
+    pub pending: u32,
+    /// `active`, `ejected for Nms`, `probing`, or `unused` (no request yet).
+    pub state: String,
+    pub requests: u64,
+    pub failures: u64,
+}
+
+/// `/api/endpoints?service=api.shop`: each endpoint of each port of the service.
+fn endpoints(state: &State, query: &str) -> Response<Full<Bytes>> {
+    let Some(name) = query.split('&').find_map(|p| p.strip_prefix("service=")).map(percent_decode) else {
+        return text(StatusCode::BAD_REQUEST, "use /api/endpoints?service=NAME\n");
+    };
+    let snapshot = state.snapshots.borrow().clone();
+    let resolved = match discovery::resolve_name(&snapshot, &state.settings, &name) {
+        Lookup::Found(resolved) => resolved,
+        other => return json(&other),
+    };
+    let mut rows = Vec::new();
+    for port in &resolved.ports {
+        let authority = format!("{}:{}", resolved.fqdn, port.port);
+        let reports = state.balancer.as_ref().map(|b| b.report(&authority)).unwrap_or_default();
+        let total: u64 = reports.iter().map(|r| r.requests).sum();
+        for endpoint in resolved.endpoints.iter().flatten() {
+            let Some(ip) = endpoint.addresses.first() else { continue };
+            let report = reports.iter().find(|r| r.addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip() == *ip));
+            rows.push(EndpointRow {
+                authority: authority.clone(),
+                addr: report.map_or_else(|| ip.to_string(), |r| r.addr.clone()),
+                ready: endpoint.ready,
+                node: endpoint.node.clone(),
+                zone: endpoint.zone.clone(),
+                identity: endpoint.identity.clone(),
+                weight: report.map_or(0.0, |r| if total == 0 { 0.0 } else { r.requests as f64 / total as f64 }),
+                ewma_ms: report.map(|r| r.ewma_ms),
+                pending: report.map_or(0, |r| r.pending),
+                state: report.map_or_else(|| "unused".to_owned(), |r| r.state.clone()),
+                requests: report.map_or(0, |r| r.requests),
+                failures: report.map_or(0, |r| r.failures),
+            });
+        }
+    }
+    json(&rows)
 }
 
 /// Decodes %XX escapes; malformed escapes are kept as they are.

@@ -115,7 +115,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     tokio::spawn(identity::socket::serve(identity_socket, manager, drain_watch.clone()));
     tracing::info!(path = %socket_path.display(), "identity: serving workloads on the local socket");
 
-    let golden = if config.proxy.enabled {
+    let proxy = if config.proxy.enabled {
         Some(start_proxy(&config, &mut registry, snapshots.clone(), proxy_certificate_rx, &drain_watch).await?)
     } else {
         None
@@ -146,7 +146,8 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
         },
         identity: Some(identity_status_rx),
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
-        golden,
+        golden: proxy.as_ref().map(|p| Arc::clone(&p.http.golden)),
+        balancer: proxy.as_ref().map(|p| Arc::clone(&p.balancer)),
     };
     let admin = Arc::new(Admin::new(Arc::clone(&readiness), registry, Some(admin_state)));
     tokio::spawn(admin::serve(admin_listener, admin, drain_watch.clone()));
@@ -187,7 +188,7 @@ async fn start_proxy(
     snapshots: store::Snapshots,
     mut certificates: watch::Receiver<Option<identity::ca::Leaf>>,
     drain: &drain::Watch,
-) -> anyhow::Result<Arc<proxy::stats::Golden>> {
+) -> anyhow::Result<Arc<proxy::Proxy>> {
     let (tls_tx, tls_rx) = watch::channel(None);
     let tls_drain = drain.clone();
     tokio::spawn(async move {
@@ -210,14 +211,10 @@ async fn start_proxy(
     });
     let metrics = proxy::metrics::ProxyMetrics::default();
     metrics.register(registry);
-    let shared = Arc::new(proxy::Proxy::new(
-        &config.proxy,
-        snapshots,
-        discovery::Settings::from_config(config),
-        tls_rx,
-        metrics,
-    ));
+    let shared =
+        Arc::new(proxy::Proxy::new(config, snapshots, discovery::Settings::from_config(config), tls_rx, metrics));
     shared.http.register(registry);
+    shared.authz.register(registry);
     let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.with_context(|| format!("proxy: cannot listen on {addr} ({what})"))
     };
@@ -237,7 +234,7 @@ async fn start_proxy(
         tracing::info!(listen = %listener.listen, service = %listener.service, port = listener.port, "proxy: explicit listener");
     }
     tracing::info!(outbound = %config.proxy.outbound_listen, inbound = %config.proxy.inbound_listen, "proxy: serving");
-    Ok(Arc::clone(&shared.http.golden))
+    Ok(shared)
 }
 
 /// The sources the configuration names; stored data of any other source is dropped.

@@ -64,6 +64,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub redirect: RedirectConfig,
     pub dns: DnsConfig,
+    pub traffic: TrafficConfig,
+    pub policy: PolicyConfig,
     pub log: LogConfig,
 }
 
@@ -498,6 +500,114 @@ impl Default for ProxyConfig {
     }
 }
 
+/// How requests are spread, retried and timed out (the proxy's client side).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrafficConfig {
+    /// Time from sending a request to its response headers; past it the client gets 504.
+    /// An HTTPRoute rule's `timeouts.request` overrides it.
+    pub response_timeout: Duration,
+    /// Retry idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) that fail with a 5xx
+    /// or a connection error, on another endpoint.
+    pub retries: bool,
+    /// Retries on top of one try.
+    pub max_retries: u32,
+    /// Bodies up to this size are kept so the request can be replayed; larger ones are sent once.
+    pub retry_body_limit: usize,
+    /// The retry budget: retries may add this share of the requests...
+    pub retry_budget_ratio: Ratio,
+    /// ...plus this many per second...
+    pub retry_budget_min_per_second: u32,
+    /// ...over this window.
+    pub retry_budget_window: Duration,
+    /// Consecutive failures that eject an endpoint.
+    pub failure_accrual: u32,
+    pub ejection_backoff_min: Duration,
+    pub ejection_backoff_max: Duration,
+    /// Up to this share of each backoff is added or removed at random.
+    pub ejection_jitter: Ratio,
+    /// Latency assumed for an endpoint not yet measured (new endpoints are warmed in).
+    pub ewma_default_rtt: Duration,
+    /// How fast the latency estimate forgets.
+    pub ewma_decay: Duration,
+    /// Prefer endpoints on this node, then in this zone (EndpointSlice zones and hints).
+    pub topology: bool,
+    /// Per-service overrides, by mesh name (`api.shop`).
+    pub services: BTreeMap<String, ServiceTraffic>,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        Self {
+            response_timeout: Duration::from_secs(10),
+            retries: true,
+            max_retries: 2,
+            retry_body_limit: 64 * 1024,
+            retry_budget_ratio: Ratio(0.2),
+            retry_budget_min_per_second: 10,
+            retry_budget_window: Duration::from_secs(10),
+            failure_accrual: 7,
+            ejection_backoff_min: Duration::from_secs(1),
+            ejection_backoff_max: Duration::from_secs(60),
+            ejection_jitter: Ratio(0.5),
+            ewma_default_rtt: Duration::from_millis(30),
+            ewma_decay: Duration::from_secs(10),
+            topology: true,
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+/// Overrides for one service; unset keys keep the `[traffic]` value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceTraffic {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<bool>,
+    /// Also retry non-idempotent methods (POST, PATCH): only for routes known to be safe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_all_methods: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<bool>,
+}
+
+/// Who may reach this box's workloads when no TrafficTarget says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// `all-authenticated` (any mesh identity), `all-unauthenticated`, `deny` or `audit`.
+    pub default: crate::policy::authz::DefaultPolicy,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { default: crate::policy::authz::DefaultPolicy::AllAuthenticated }
+    }
+}
+
+/// A share between 0 and 1.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Ratio(pub f64);
+
+impl Serialize for Ratio {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ratio {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = f64::deserialize(d)?;
+        if (0.0..=1.0).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(serde::de::Error::custom(format!("expected a share between 0 and 1, got {value}")))
+        }
+    }
+}
+
 /// The DNS server for mesh names, answering from the store (so it keeps answering offline).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -669,6 +779,10 @@ pub struct Duration(std::time::Duration);
 impl Duration {
     pub const fn from_secs(secs: u64) -> Self {
         Self(std::time::Duration::from_secs(secs))
+    }
+
+    pub const fn from_millis(millis: u64) -> Self {
+        Self(std::time::Duration::from_millis(millis))
     }
 
     pub fn get(self) -> std::time::Duration {

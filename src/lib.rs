@@ -16,6 +16,7 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod proxy;
 pub mod readiness;
 pub mod redirect;

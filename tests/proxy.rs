@@ -128,7 +128,11 @@ fn http1_and_http2_cross_two_boxes_and_are_counted() {
     );
     assert_eq!(failures, 1.0);
     let inbound = metric(&boxes.b, "request_total{direction=\"inbound\"");
-    assert_eq!(inbound, 4.0, "box B counted them too");
+    // The 503 to a GET was tried three times (two retries) before box A gave up.
+    assert_eq!(inbound, 6.0, "box B counted them too, and the retries");
+    let retried =
+        metric(&boxes.a, "meshkeep_retries_total{authority=\"echo.shop.svc.cluster.local:80\",result=\"retried\"}");
+    assert_eq!(retried, 2.0);
     let (_, text) = boxes.a.get("/metrics");
     assert!(text.contains("response_latency_ms_bucket{"), "{text}");
 }

@@ -1,5 +1,5 @@
-//! `meshkeep status`, `check`, `stat` and `top`: whether the box is healthy and why not, and
-//! what its traffic looks like. All of them read the running daemon's admin endpoint; `check`
+//! `meshkeep status`, `check`, `stat`, `top` and `endpoints`: whether the box is healthy and
+//! why not, and what its traffic looks like. All of them read the running daemon's admin endpoint; `check`
 //! also looks at the machine itself (state directory, clock) so it helps when the daemon will
 //! not start.
 
@@ -473,6 +473,50 @@ pub fn top(config: &Config, once: bool, output: Output) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+}
+
+/// `meshkeep endpoints SERVICE`: each endpoint's share of requests, latency estimate, state
+/// and place, from the running daemon's balancer.
+pub fn endpoints(config: &Config, service: &str, output: Output) -> anyhow::Result<()> {
+    let path = format!("/api/endpoints?service={}", client::encode_query(service));
+    let body = match client::get(config.admin.listen, &path) {
+        Ok((200, body)) => body,
+        Ok((code, body)) => bail!("the daemon answered {path} with {code}: {}", body.trim()),
+        Err(ClientError::Unreachable { addr, .. }) => {
+            bail!("meshkeep is not running (nothing answers on {addr}); start it with `systemctl start meshkeep`")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let rows: Vec<crate::admin::EndpointRow> = match serde_json::from_str(&body) {
+        Ok(rows) => rows,
+        // Not a service: the daemon sent its lookup result (not found, or unknown).
+        Err(_) => bail!("{service}: {}", body.trim()),
+    };
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.authority.clone(),
+                r.addr.clone(),
+                if r.ready { "ready".into() } else { "not ready".into() },
+                r.zone.clone().unwrap_or_else(|| "-".into()),
+                r.state.clone(),
+                format!("{:.0}%", r.weight * 100.0),
+                ms(r.ewma_ms),
+                r.pending.to_string(),
+                format!("{}/{}", r.failures, r.requests),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["SERVICE", "ENDPOINT", "READY", "ZONE", "STATE", "WEIGHT", "EWMA", "PENDING", "FAILED"], &cells, 5)
+    );
+    Ok(())
 }
 
 #[cfg(test)]

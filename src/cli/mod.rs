@@ -65,6 +65,14 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// A service's endpoints as the balancer sees them: share of requests, latency estimate,
+    /// ejected or not, zone.
+    Endpoints {
+        /// A mesh name such as api.shop.
+        service: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// The busiest routes (method and path), refreshed every 2 s on a terminal.
     Top {
         /// Print once and exit.
@@ -210,6 +218,7 @@ pub fn main(cli: Cli) -> ExitCode {
         },
         Command::Stat { service, output } => health::stat(&loaded.config, service.as_deref(), output),
         Command::Top { once, output } => health::top(&loaded.config, once, output),
+        Command::Endpoints { service, output } => health::endpoints(&loaded.config, &service, output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,10 +30,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
+use super::balance::{InFlight, Outcome};
 use super::tcp::{Activity, Counted};
 use super::transport::Header;
 use super::{Error, Proxy, connect};
 use crate::drain;
+use crate::policy::RequestInfo;
 
 /// Request header naming the port on the peer a request is for.
 pub const TARGET_PORT_HEADER: &str = "meshkeep-target-port";
@@ -89,7 +91,15 @@ pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
     latency: Family<RequestLabels, Histogram>,
+    retries: Family<RetryLabels, Counter>,
     pub golden: Arc<super::stats::Golden>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub authority: String,
+    /// `retried`, or `budget_exhausted` when a retry was wanted but the budget said no.
+    pub result: &'static str,
 }
 
 impl Default for HttpMetrics {
@@ -103,6 +113,7 @@ impl Default for HttpMetrics {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
+            retries: Family::default(),
             golden: Arc::default(),
         }
     }
@@ -113,6 +124,11 @@ impl HttpMetrics {
         registry.register("request", "HTTP requests received", self.requests.clone());
         registry.register("response", "HTTP responses sent", self.responses.clone());
         registry.register("response_latency_ms", "Time to response headers, in milliseconds", self.latency.clone());
+        registry.register("meshkeep_retries", "Requests retried, or not for want of budget", self.retries.clone());
+    }
+
+    fn retried(&self, authority: &str, result: &'static str) {
+        self.retries.get_or_create(&RetryLabels { authority: authority.to_owned(), result }).inc();
     }
 
     fn record(&self, labels: &RequestLabels, route: (&Method, &str), status: StatusCode, started: Instant) {
@@ -213,7 +229,28 @@ where
     }
 }
 
-/// Serves HTTP/1 and HTTP/2 from a local client; `route` picks a destination for each request.
+/// Where one attempt of an outbound request goes, and what it is counted under.
+pub struct Routed {
+    pub route: Route,
+    /// The balancer's record of the attempt; its outcome is reported when the answer comes.
+    pub in_flight: Option<InFlight>,
+    /// The route's response timeout, if it sets one.
+    pub timeout: Option<Duration>,
+    /// The service asked for (`name.ns.svc.<domain>:port`), before any split: the metrics label.
+    pub authority: String,
+}
+
+impl Route {
+    fn tls(&self) -> &'static str {
+        match self {
+            Route::Meshed { .. } => "true",
+            Route::Plain { .. } => "no_identity",
+        }
+    }
+}
+
+/// Serves HTTP/1 and HTTP/2 from a local client; `route` picks a destination for each attempt
+/// of each request.
 pub async fn serve_outbound<R>(
     proxy: Arc<Proxy>,
     client: Counted<tokio::net::TcpStream>,
@@ -221,14 +258,14 @@ pub async fn serve_outbound<R>(
     drain: drain::Watch,
 ) -> Result<(), Error>
 where
-    R: Fn(&Proxy) -> Result<Route, Error> + Send + Sync + 'static,
+    R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Error> + Send + Sync + 'static,
 {
     let (activity, idle, header_timeout) = (client.activity(), proxy.http_idle_timeout, proxy.header_read_timeout);
     let route = Arc::new(route);
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let route = Arc::clone(&route);
-        async move { Ok::<_, Infallible>(outbound_request(&proxy, route(&proxy), request).await) }
+        async move { Ok::<_, Infallible>(outbound_request(&proxy, &*route, request).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
@@ -237,79 +274,146 @@ where
     drive(connection, |c| c.graceful_shutdown(), activity, idle, drain).await
 }
 
-async fn outbound_request(
-    proxy: &Proxy,
-    route: Result<Route, Error>,
-    mut request: Request<Incoming>,
-) -> Response<Body> {
-    let started = Instant::now();
-    let route = match route {
-        Ok(route) => route,
-        Err(e) => {
-            proxy.metrics.error("outbound", e.reason());
-            let status = if matches!(e, Error::NoEndpoint(_) | Error::EndpointsUnknown(_)) {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            return empty_with(status, &e.to_string());
+/// Methods a retry cannot harm (RFC 9110 idempotent methods).
+fn idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// A request body: kept in memory when it may be replayed, else streamed once.
+enum RequestBody {
+    Replayable(Bytes),
+    Once(Option<Incoming>),
+}
+
+impl RequestBody {
+    fn take(&mut self) -> Body {
+        match self {
+            RequestBody::Replayable(bytes) => boxed(Full::new(bytes.clone())),
+            RequestBody::Once(body) => match body.take() {
+                Some(body) => boxed(body),
+                None => boxed(Full::new(Bytes::new())),
+            },
         }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, RequestBody::Replayable(_))
+    }
+}
+
+fn route_error(proxy: &Proxy, e: &Error) -> Response<Body> {
+    proxy.metrics.error("outbound", e.reason());
+    let status = match e {
+        Error::NoEndpoint(_) | Error::EndpointsUnknown(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::NoRoute { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::NOT_FOUND),
+        _ => StatusCode::BAD_GATEWAY,
     };
-    let (tls, authority) = match &route {
-        Route::Meshed { authority, .. } => ("true", authority.clone()),
-        Route::Plain { authority, .. } => ("no_identity", authority.clone()),
+    empty_with(status, &e.to_string())
+}
+
+async fn outbound_request<R>(proxy: &Proxy, route: &R, request: Request<Incoming>) -> Response<Body>
+where
+    R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Error>,
+{
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let info = RequestInfo { method: parts.method.as_str(), path: parts.uri.path(), headers: &parts.headers };
+    let mut routed = match route(proxy, &info) {
+        Ok(routed) => routed,
+        Err(e) => return route_error(proxy, &e),
     };
-    let labels = RequestLabels { direction: "outbound", authority, tls };
+    let labels = RequestLabels { direction: "outbound", authority: routed.authority.clone(), tls: routed.route.tls() };
     proxy.http.requests.get_or_create(&labels).inc();
-    let version = request.version();
-    let host = request
-        .headers()
+    let policy = proxy.traffic_for(&routed.authority);
+    let timeout = routed.timeout.unwrap_or(policy.response_timeout);
+    let version = parts.version;
+    let host = parts
+        .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
-        .or_else(|| request.uri().authority().map(ToString::to_string))
+        .or_else(|| parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| labels.authority.clone());
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let method = request.method().clone();
-    let result = match route {
-        Route::Meshed { peer, identity, target_port, authority } => {
-            let headers = request.headers_mut();
-            headers.insert(TARGET_PORT_HEADER, HeaderValue::from(target_port));
-            headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
-            // Connection-specific headers have no place in HTTP/2.
-            for name in ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"] {
-                headers.remove(name);
-            }
-            if headers.get(http::header::TE).is_some_and(|te| te != "trailers") {
-                headers.remove(http::header::TE);
-            }
-            let (mut parts, body) = request.into_parts();
-            parts.version = Version::HTTP_2;
-            parts.uri = absolute(&host, &path);
-            let request = Request::from_parts(parts, boxed(body));
-            send_to_peer(proxy, peer, &identity, target_port, &authority, request).await
-        }
-        Route::Plain { addr, .. } => {
-            let (mut parts, body) = request.into_parts();
-            parts.uri = absolute(&addr.to_string(), &path);
-            if !parts.headers.contains_key(http::header::HOST)
-                && version != Version::HTTP_2
-                && let Ok(value) = HeaderValue::from_str(&host)
-            {
-                parts.headers.insert(http::header::HOST, value);
-            }
-            proxy.plain.send(version, Request::from_parts(parts, boxed(body))).await
-        }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let wants_retries = policy.retries && (policy.retry_all_methods || idempotent(&parts.method));
+    let mut body = match hyper::body::Body::size_hint(&body).exact() {
+        Some(size) if wants_retries && size <= policy.retry_body_limit as u64 => match body.collect().await {
+            Ok(collected) => RequestBody::Replayable(collected.to_bytes()),
+            Err(e) => return empty_with(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}")),
+        },
+        _ => RequestBody::Once(Some(body)),
     };
-    let response = match result {
-        Ok(response) => response.map(boxed),
-        Err(reason) => {
-            proxy.metrics.error("outbound", "http");
-            empty_with(StatusCode::BAD_GATEWAY, &reason)
+    proxy.budget.deposit(&routed.authority);
+    let mut retries = 0;
+    let response = loop {
+        let mut headers = parts.headers.clone();
+        let attempt = match &routed.route {
+            Route::Meshed { peer, identity, target_port, authority } => {
+                headers.insert(TARGET_PORT_HEADER, HeaderValue::from(*target_port));
+                headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
+                // Connection-specific headers have no place in HTTP/2.
+                for name in ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"] {
+                    headers.remove(name);
+                }
+                if headers.get(http::header::TE).is_some_and(|te| te != "trailers") {
+                    headers.remove(http::header::TE);
+                }
+                let request = build(&parts.method, absolute(&host, &path), Version::HTTP_2, headers, body.take());
+                tokio::time::timeout(timeout, send_to_peer(proxy, *peer, identity, *target_port, authority, request))
+                    .await
+            }
+            Route::Plain { addr, .. } => {
+                if !headers.contains_key(http::header::HOST)
+                    && version != Version::HTTP_2
+                    && let Ok(value) = HeaderValue::from_str(&host)
+                {
+                    headers.insert(http::header::HOST, value);
+                }
+                let request = build(&parts.method, absolute(&addr.to_string(), &path), version, headers, body.take());
+                tokio::time::timeout(timeout, proxy.plain.send(version, request)).await
+            }
+        };
+        let result = match attempt {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(reason)) => Err((StatusCode::BAD_GATEWAY, reason)),
+            Err(_) => Err((StatusCode::GATEWAY_TIMEOUT, format!("no response within {}ms", timeout.as_millis()))),
+        };
+        let failed = result.as_ref().map_or(true, |r| r.status().is_server_error());
+        if let Some(in_flight) = routed.in_flight.take() {
+            in_flight.finish(if failed { Outcome::Failure } else { Outcome::Success });
         }
+        // A retry happens before anything of the response reaches the client.
+        if failed && body.replayable() && retries < policy.max_retries {
+            if proxy.budget.withdraw(&labels.authority) {
+                if let Ok(next) = route(proxy, &info) {
+                    retries += 1;
+                    proxy.http.retried(&labels.authority, "retried");
+                    routed = next;
+                    continue;
+                }
+            } else {
+                proxy.http.retried(&labels.authority, "budget_exhausted");
+            }
+        }
+        break match result {
+            Ok(response) => response.map(boxed),
+            Err((status, reason)) => {
+                proxy.metrics.error("outbound", if status == StatusCode::GATEWAY_TIMEOUT { "timeout" } else { "http" });
+                empty_with(status, &reason)
+            }
+        };
     };
-    proxy.http.record(&labels, (&method, &path), response.status(), started);
+    proxy.http.record(&labels, (&parts.method, &path), response.status(), started);
     response
+}
+
+fn build(method: &Method, uri: Uri, version: Version, headers: http::HeaderMap, body: Body) -> Request<Body> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    request
 }
 
 fn version_name(version: Version) -> &'static str {
@@ -394,18 +498,18 @@ async fn open_peer(
 pub async fn serve_inbound<S>(
     proxy: Arc<Proxy>,
     session: Counted<S>,
-    default_port: u16,
-    authority: String,
+    peer: InboundPeer,
     drain: drain::Watch,
 ) -> Result<(), Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (activity, idle) = (session.activity(), proxy.http_idle_timeout);
+    let peer = Arc::new(peer);
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
-        let authority = authority.clone();
-        async move { Ok::<_, Infallible>(inbound_request(&proxy, request, default_port, &authority).await) }
+        let peer = Arc::clone(&peer);
+        async move { Ok::<_, Infallible>(inbound_request(&proxy, request, &peer).await) }
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -414,19 +518,27 @@ where
     drive(connection, |c| c.graceful_shutdown(), activity, idle, drain).await
 }
 
-async fn inbound_request(
-    proxy: &Proxy,
-    mut request: Request<Incoming>,
-    default_port: u16,
-    label: &str,
-) -> Response<Body> {
+/// What an inbound HTTP/2 connection from a peer knows of that peer.
+#[derive(Debug)]
+pub struct InboundPeer {
+    /// The port named in the transport header (requests may name another).
+    pub default_port: u16,
+    /// The service the peer asked for (from the transport header): the metrics label, so a
+    /// client's Host header cannot grow the metrics' cardinality.
+    pub authority: String,
+    /// The peer's mesh identity, proven by its certificate.
+    pub identity: Option<String>,
+}
+
+async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &InboundPeer) -> Response<Body> {
     let started = Instant::now();
+    let label = peer.authority.as_str();
     let headers = request.headers_mut();
     let port = headers
         .remove(TARGET_PORT_HEADER)
         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
         .filter(|p| *p != 0)
-        .unwrap_or(default_port);
+        .unwrap_or(peer.default_port);
     let version = match headers.remove(ORIGINAL_VERSION_HEADER).as_ref().and_then(|v| v.to_str().ok()) {
         Some("HTTP/2") => Version::HTTP_2,
         Some("HTTP/1.0") => Version::HTTP_10,
@@ -435,6 +547,19 @@ async fn inbound_request(
     let authority = request.uri().authority().map(ToString::to_string).unwrap_or_default();
     let labels = RequestLabels { direction: "inbound", authority: label.to_owned(), tls: "true" };
     proxy.http.requests.get_or_create(&labels).inc();
+    let info =
+        RequestInfo { method: request.method().as_str(), path: request.uri().path(), headers: request.headers() };
+    let verdict = super::inbound::authorize(proxy, port, peer.identity.as_deref(), Some(&info));
+    let authz_labels = super::metrics::AuthzLabels { target_port: port, authz: verdict.by.clone() };
+    if !verdict.allowed {
+        proxy.authz.http_deny.get_or_create(&authz_labels).inc();
+        let reason = verdict.reason.unwrap_or_else(|| "denied".into());
+        let response = empty_with(StatusCode::FORBIDDEN, &format!("forbidden: {reason}"));
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        proxy.http.record(&labels, (&method, &path), response.status(), started);
+        return response;
+    }
+    proxy.authz.http_allow.get_or_create(&authz_labels).inc();
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let method = parts.method.clone();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use super::metrics::AuthzLabels;
 use super::metrics::{ConnectionLabels, OpenConnection};
 use super::tcp::{Counted, splice};
 use super::transport::{ALPN, Header};
@@ -14,6 +15,8 @@ use super::{Error, Proxy, connect, orig_dst};
 use crate::config::PlaintextPolicy;
 use crate::drain;
 use crate::identity::tls::peer_identity;
+use crate::policy::RequestInfo;
+use crate::policy::authz::{self, Destination, Verdict};
 
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: drain::Watch) {
@@ -47,7 +50,7 @@ async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -
     if connection.alpn_protocol() != Some(ALPN) {
         return Err(Error::Refused("TLS without the meshkeep protocol"));
     }
-    let client_identity = peer_identity(connection.peer_certificates()).unwrap_or_default();
+    let client_identity = peer_identity(connection.peer_certificates());
     let header = tokio::time::timeout(proxy.detect_timeout * 5, Header::read(&mut session))
         .await
         .map_err(|_| Error::Timeout("transport header"))??;
@@ -55,15 +58,19 @@ async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -
         direction: "inbound",
         tls: "true",
         target: header.target_port.to_string(),
-        identity: client_identity,
+        identity: client_identity.clone().unwrap_or_default(),
     };
-    let open = OpenConnection::new(&proxy.metrics, labels);
-    let session = Counted::new(session, open.read_counter(), open.write_counter());
     if header.protocol == super::detect::Protocol::Http2 {
+        let open = OpenConnection::new(&proxy.metrics, labels);
+        let session = Counted::new(session, open.read_counter(), open.write_counter());
         let authority = header.authority.clone().unwrap_or_else(|| header.target_port.to_string());
         tracing::debug!(%authority, "inbound: HTTP/2 from a peer");
-        return super::http::serve_inbound(Arc::clone(&proxy), session, header.target_port, authority, drain).await;
+        let peer = super::http::InboundPeer { default_port: header.target_port, authority, identity: client_identity };
+        return super::http::serve_inbound(Arc::clone(&proxy), session, peer, drain).await;
     }
+    authorize_connection(&proxy, header.target_port, client_identity.as_deref())?;
+    let open = OpenConnection::new(&proxy.metrics, labels);
+    let session = Counted::new(session, open.read_counter(), open.write_counter());
     let target = SocketAddr::new(proxy.inbound_target, header.target_port);
     let mut local = connect(target, proxy.connect_timeout).await?;
     let mut session = session;
@@ -78,6 +85,7 @@ async fn plaintext(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
     }
     // Plaintext reaches the inbound port only by redirect: forward to the port it was sent to.
     let original = orig_dst::original_dst(&stream).ok_or(Error::NotRedirected)?;
+    authorize_connection(proxy, original.port(), None)?;
     let labels = ConnectionLabels {
         direction: "inbound",
         tls: "no_identity",
@@ -90,4 +98,31 @@ async fn plaintext(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
     splice(&mut client, &mut local, proxy.tcp_idle_timeout).await?;
     drop(open);
     Ok(())
+}
+
+/// Authorizes an opaque connection to a local port; a denial closes it.
+fn authorize_connection(proxy: &Proxy, port: u16, client: Option<&str>) -> Result<(), Error> {
+    let verdict = authorize(proxy, port, client, None);
+    let labels = AuthzLabels { target_port: port, authz: verdict.by.clone() };
+    if verdict.allowed {
+        proxy.authz.tcp_allow.get_or_create(&labels).inc();
+        return Ok(());
+    }
+    proxy.authz.tcp_deny.get_or_create(&labels).inc();
+    let reason = verdict.reason.unwrap_or_else(|| "denied".into());
+    tracing::debug!(port, client = client.unwrap_or("(no identity)"), %reason, "inbound: connection denied");
+    Err(Error::Forbidden(reason))
+}
+
+/// The authorization decision for the workload this box serves.
+pub(super) fn authorize(proxy: &Proxy, port: u16, client: Option<&str>, request: Option<&RequestInfo<'_>>) -> Verdict {
+    let snapshot = proxy.snapshots.borrow().clone();
+    let (namespace, service_account) = &proxy.local_workload;
+    let destination = Destination { namespace, service_account, port };
+    let verdict = authz::authorize(&snapshot, &proxy.settings, destination, client, request, proxy.policy.default);
+    if let (true, Some(reason)) = (verdict.allowed, &verdict.reason) {
+        // Audit: let through, but say what a stricter policy would have refused.
+        tracing::info!(port, client = client.unwrap_or("(no identity)"), %reason, "inbound: audit");
+    }
+    verdict
 }

@@ -87,3 +87,30 @@ impl Drop for OpenConnection {
         self.metrics.close.get_or_create(&self.labels).inc();
     }
 }
+
+/// Labels of authorization decisions (Linkerd's `inbound_*_authz_*_total`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// The local port the client asked for.
+    pub target_port: u16,
+    /// What decided: `TrafficTarget ns/name` or `default:<policy>`.
+    pub authz: String,
+}
+
+/// inbound_http_authz_allow_total, inbound_http_authz_deny_total and the TCP equivalents.
+#[derive(Debug, Clone, Default)]
+pub struct AuthzMetrics {
+    pub http_allow: Family<AuthzLabels, Counter>,
+    pub http_deny: Family<AuthzLabels, Counter>,
+    pub tcp_allow: Family<AuthzLabels, Counter>,
+    pub tcp_deny: Family<AuthzLabels, Counter>,
+}
+
+impl AuthzMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("inbound_http_authz_allow", "HTTP requests authorized", self.http_allow.clone());
+        registry.register("inbound_http_authz_deny", "HTTP requests denied", self.http_deny.clone());
+        registry.register("inbound_tcp_authz_allow", "Connections authorized", self.tcp_allow.clone());
+        registry.register("inbound_tcp_authz_deny", "Connections denied", self.tcp_deny.clone());
+    }
+}

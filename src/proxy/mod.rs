@@ -8,19 +8,20 @@
 //! destination is forwarded unchanged. Inbound terminates mTLS, reads the header and forwards
 //! to the local target port.
 
+pub mod balance;
 pub mod detect;
 pub mod http;
 mod inbound;
 pub mod metrics;
 mod orig_dst;
 mod outbound;
+pub mod retry;
 pub mod stats;
 pub mod tcp;
 pub mod transport;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use rustls::{ClientConfig, ServerConfig};
@@ -29,7 +30,7 @@ use tokio::sync::{Semaphore, watch};
 pub use inbound::serve as serve_inbound;
 pub use outbound::{Target as OutboundTarget, serve as serve_outbound};
 
-use crate::config::{PlaintextPolicy, ProxyConfig};
+use crate::config::{Config, PlaintextPolicy, PolicyConfig, TrafficConfig};
 use crate::discovery;
 use crate::identity::ca::Leaf;
 use crate::store::Snapshots;
@@ -76,19 +77,38 @@ pub struct Proxy {
     pub inbound_slots: Arc<Semaphore>,
     pub opaque_ports: Vec<u16>,
     pub http: http::HttpMetrics,
+    pub balancer: Arc<balance::Balancer>,
+    pub budget: retry::Budget,
+    pub locality: balance::Locality,
+    traffic: TrafficConfig,
+    /// Inbound authorization: the default policy and the workload this box serves.
+    pub policy: PolicyConfig,
+    pub local_workload: (String, String),
+    pub authz: metrics::AuthzMetrics,
     peers: http::PeerPool,
     plain: http::PlainClients,
-    round_robin: AtomicUsize,
+}
+
+/// The traffic settings for one service: `[traffic]` with its per-service overrides applied.
+#[derive(Debug, Clone)]
+pub struct ServicePolicy {
+    pub response_timeout: Duration,
+    pub retries: bool,
+    pub retry_all_methods: bool,
+    pub max_retries: u32,
+    pub retry_body_limit: usize,
+    pub topology: bool,
 }
 
 impl Proxy {
     pub fn new(
-        config: &ProxyConfig,
+        full: &Config,
         snapshots: Snapshots,
         settings: discovery::Settings,
         tls: watch::Receiver<Option<Arc<TlsConfigs>>>,
         metrics: metrics::ProxyMetrics,
     ) -> Self {
+        let config = &full.proxy;
         Self {
             snapshots,
             settings,
@@ -108,15 +128,35 @@ impl Proxy {
             inbound_slots: Arc::new(Semaphore::new(config.max_connections)),
             opaque_ports: config.opaque_ports.clone(),
             http: http::HttpMetrics::default(),
+            balancer: Arc::new(balance::Balancer::new(&full.traffic)),
+            budget: retry::Budget::new(&full.traffic),
+            locality: balance::Locality {
+                node: full.node.name.as_ref().map(ToString::to_string),
+                zone: full.node.zone.as_ref().map(ToString::to_string),
+            },
+            traffic: full.traffic.clone(),
+            policy: full.policy.clone(),
+            local_workload: (full.identity.proxy.namespace.clone(), full.identity.proxy.service_account.clone()),
+            authz: metrics::AuthzMetrics::default(),
             peers: http::PeerPool::default(),
             plain: http::PlainClients::new(),
-            round_robin: AtomicUsize::new(0),
         }
     }
 
-    /// The next index for round-robin endpoint choice.
-    fn next_index(&self, len: usize) -> usize {
-        self.round_robin.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % len.max(1)
+    /// The traffic settings for a service, by its authority (`name.ns.svc.<domain>:port`);
+    /// overrides are keyed by the short name (`name.ns`).
+    pub fn traffic_for(&self, authority: &str) -> ServicePolicy {
+        let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+        let short = host.strip_suffix(&format!(".svc.{}", self.settings.cluster_domain)).unwrap_or(host);
+        let overrides = self.traffic.services.get(short).cloned().unwrap_or_default();
+        ServicePolicy {
+            response_timeout: overrides.response_timeout.unwrap_or(self.traffic.response_timeout).get(),
+            retries: overrides.retries.unwrap_or(self.traffic.retries),
+            retry_all_methods: overrides.retry_all_methods.unwrap_or(false),
+            max_retries: self.traffic.max_retries,
+            retry_body_limit: self.traffic.retry_body_limit,
+            topology: overrides.topology.unwrap_or(self.traffic.topology),
+        }
     }
 
     fn current_tls(&self) -> Option<Arc<TlsConfigs>> {
@@ -155,6 +195,12 @@ pub enum Error {
     /// The inbound side refused the connection by policy.
     #[error("refused: {0}")]
     Refused(&'static str),
+    /// Authorization denied the client.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// An HTTPRoute applies and refuses the request (no rule matches, or no backend exists).
+    #[error("{by}: no route ({status})")]
+    NoRoute { status: u16, by: String },
     /// Reading the first bytes or the handshake took too long.
     #[error("timed out: {0}")]
     Timeout(&'static str),
@@ -175,6 +221,8 @@ impl Error {
             Error::Tls { .. } => "tls",
             Error::Header(_) => "header",
             Error::Refused(_) => "refused",
+            Error::Forbidden(_) => "forbidden",
+            Error::NoRoute { .. } => "no_route",
             Error::Timeout(_) => "timeout",
             Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => "idle",
             Error::Io(_) => "io",

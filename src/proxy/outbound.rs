@@ -8,14 +8,18 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use super::balance::{self, Candidate, InFlight, Outcome};
 use super::detect::Protocol;
+use super::http::{Route, Routed};
 use super::metrics::{ConnectionLabels, OpenConnection};
 use super::tcp::{Counted, splice};
 use super::transport::Header;
 use super::{Error, Proxy, connect, orig_dst};
-use crate::discovery::{self, Lookup, Resolved};
+use crate::discovery::{self, Lookup, Resolved, ResolvedEndpoint};
 use crate::drain;
 use crate::model::TargetPort;
+use crate::policy::RequestInfo;
+use crate::policy::routes;
 
 /// What an outbound listener serves.
 #[derive(Debug, Clone)]
@@ -85,7 +89,7 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
                 return Err(Error::NotRedirected);
             }
             if proxy.skip_ports.contains(&original.port()) {
-                return carry(&proxy, client, Plan::Passthrough { addr: original }).await;
+                return carry(&proxy, client, Plan::Passthrough { addr: original }, None).await;
             }
             (Destination::Addr(original), original.port())
         }
@@ -98,10 +102,20 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
     };
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            // The connection's metrics are labelled with its destination as first resolved; each
-            // request is routed on its own.
-            let labels = match plan(&proxy, &destination) {
-                Ok(plan) => plan.labels("outbound"),
+            // The connection's metrics are labelled with its destination; each request is
+            // routed and balanced on its own.
+            let labels = match resolve(&proxy, &destination) {
+                Ok(Resolution::Service { resolved, port }) => ConnectionLabels {
+                    direction: "outbound",
+                    tls: if resolved.endpoints.iter().flatten().any(|e| e.identity.is_some()) {
+                        "true"
+                    } else {
+                        "no_identity"
+                    },
+                    target: format!("{}:{port}", resolved.fqdn),
+                    identity: String::new(),
+                },
+                Ok(Resolution::Passthrough(addr)) => Plan::Passthrough { addr }.labels("outbound"),
                 Err(_) => ConnectionLabels {
                     direction: "outbound",
                     tls: "no_identity",
@@ -111,75 +125,132 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
             };
             let open = OpenConnection::new(&proxy.metrics, labels);
             let client = Counted::new(client, open.read_counter(), open.write_counter());
-            let route = move |proxy: &Proxy| route(proxy, &destination);
+            let route = move |proxy: &Proxy, request: &RequestInfo<'_>| route(proxy, &destination, request);
             super::http::serve_outbound(Arc::clone(&proxy), client, route, drain).await
         }
         Protocol::Opaque | Protocol::Tls => {
-            let plan = plan(&proxy, &destination)?;
-            carry(&proxy, client, plan).await
+            let (plan, in_flight) = match resolve(&proxy, &destination)? {
+                Resolution::Service { resolved, port } => plan_for(&proxy, &resolved, port)?,
+                Resolution::Passthrough(addr) => (Plan::Passthrough { addr }, None),
+            };
+            carry(&proxy, client, plan, in_flight).await
         }
     }
 }
 
-fn plan(proxy: &Proxy, destination: &Destination) -> Result<Plan, Error> {
+/// What a destination is: a mesh service on a port, or somewhere the mesh does not know.
+enum Resolution {
+    Service { resolved: Resolved, port: u16 },
+    Passthrough(SocketAddr),
+}
+
+fn resolve(proxy: &Proxy, destination: &Destination) -> Result<Resolution, Error> {
+    let snapshot = proxy.snapshots.borrow().clone();
     match destination {
-        Destination::Addr(addr) => plan_for_addr(proxy, *addr),
-        Destination::Name { name, port } => plan_for_name(proxy, name, *port),
+        Destination::Addr(addr) => Ok(match discovery::resolve_addr(&snapshot, &proxy.settings, *addr) {
+            Lookup::Found(resolved) => Resolution::Service { resolved, port: addr.port() },
+            // Not a mesh destination (or not known yet): go where the client was going.
+            Lookup::NotFound | Lookup::Unknown { .. } => Resolution::Passthrough(*addr),
+        }),
+        Destination::Name { name, port } => match discovery::resolve_name(&snapshot, &proxy.settings, name) {
+            Lookup::Found(resolved) => Ok(Resolution::Service { resolved, port: *port }),
+            Lookup::NotFound => Err(Error::Unresolved { name: name.clone(), reason: "no such service".into() }),
+            Lookup::Unknown { reason } => Err(Error::Unresolved { name: name.clone(), reason }),
+        },
     }
 }
 
-/// The destination of one HTTP request (chosen per request, so requests are balanced).
-fn route(proxy: &Proxy, destination: &Destination) -> Result<super::http::Route, Error> {
-    Ok(match plan(proxy, destination)? {
-        Plan::Meshed { peer, identity, target_port, authority } => {
-            super::http::Route::Meshed { peer, identity, target_port, authority }
+/// The destination of one HTTP request attempt: the route (HTTPRoute, TrafficSplit) picks a
+/// backend service, the balancer an endpoint of it.
+fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) -> Result<Routed, Error> {
+    let (resolved, port) = match resolve(proxy, destination)? {
+        Resolution::Service { resolved, port } => (resolved, port),
+        Resolution::Passthrough(addr) => {
+            let route = Route::Plain { addr, authority: "unknown".into() };
+            return Ok(Routed { route, in_flight: None, timeout: None, authority: "unknown".into() });
         }
-        Plan::Plain { addr, authority } => super::http::Route::Plain { addr, authority },
-        Plan::Passthrough { addr } => super::http::Route::Plain { addr, authority: "unknown".into() },
-    })
-}
-
-/// The plan for a connection to an address: a service's cluster IP, an endpoint IP, or unknown.
-fn plan_for_addr(proxy: &Proxy, addr: SocketAddr) -> Result<Plan, Error> {
+    };
+    let authority = format!("{}:{port}", resolved.fqdn);
     let snapshot = proxy.snapshots.borrow().clone();
-    match discovery::resolve_addr(&snapshot, &proxy.settings, addr) {
-        Lookup::Found(resolved) => plan_for(proxy, &resolved, addr.port()),
-        // Not a mesh destination (or not known yet): go where the client was going.
-        Lookup::NotFound | Lookup::Unknown { .. } => Ok(Plan::Passthrough { addr }),
+    let exists = |namespace: &str, service: &str| {
+        matches!(
+            discovery::resolve_name(&snapshot, &proxy.settings, &format!("{service}.{namespace}")),
+            Lookup::Found(_)
+        )
+    };
+    let choice = routes::choose(&snapshot, &resolved.namespace, &resolved.name, port, request, exists);
+    if let Some(status) = choice.refusal {
+        return Err(Error::NoRoute { status, by: choice.by });
     }
+    let backend = choice.pick(balance::roll() as u32).ok_or_else(|| Error::NoEndpoint(authority.clone()))?;
+    let backend_port = backend.port.unwrap_or(port);
+    let (plan, in_flight) = if backend.service == resolved.name && backend.namespace == resolved.namespace {
+        plan_for(proxy, &resolved, backend_port)?
+    } else {
+        let name = format!("{}.{}", backend.service, backend.namespace);
+        match discovery::resolve_name(&snapshot, &proxy.settings, &name) {
+            Lookup::Found(backend) => plan_for(proxy, &backend, backend_port)?,
+            _ => return Err(Error::NoEndpoint(format!("{name}:{backend_port} (split backend)"))),
+        }
+    };
+    let route = match plan {
+        Plan::Meshed { peer, identity, target_port, authority } => {
+            Route::Meshed { peer, identity, target_port, authority }
+        }
+        Plan::Plain { addr, authority } => Route::Plain { addr, authority },
+        Plan::Passthrough { addr } => Route::Plain { addr, authority: "unknown".into() },
+    };
+    Ok(Routed { route, in_flight, timeout: choice.request_timeout, authority })
 }
 
-fn plan_for_name(proxy: &Proxy, name: &str, port: u16) -> Result<Plan, Error> {
-    let snapshot = proxy.snapshots.borrow().clone();
-    match discovery::resolve_name(&snapshot, &proxy.settings, name) {
-        Lookup::Found(resolved) => plan_for(proxy, &resolved, port),
-        Lookup::NotFound => Err(Error::Unresolved { name: name.to_owned(), reason: "no such service".into() }),
-        Lookup::Unknown { reason } => Err(Error::Unresolved { name: name.to_owned(), reason }),
-    }
-}
-
-/// Picks a ready endpoint (round robin) and the port on it that `service_port` maps to.
-fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<Plan, Error> {
+/// Picks a ready endpoint (topology first, then the balancer) and the port on it that
+/// `service_port` maps to.
+fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<(Plan, Option<InFlight>), Error> {
     let authority = format!("{}:{service_port}", resolved.fqdn);
     let endpoints = resolved.endpoints.as_ref().ok_or_else(|| Error::EndpointsUnknown(authority.clone()))?;
-    let ready: Vec<_> = endpoints.iter().filter(|e| e.ready && !e.addresses.is_empty()).collect();
+    let target_port = |endpoint: &ResolvedEndpoint| match resolved.ports.iter().find(|p| p.port == service_port) {
+        Some(port) => match &port.target_port {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => {
+                endpoint.ports.iter().find(|p| p.name.as_deref() == Some(name.as_str())).map(|p| p.port)
+            }
+        },
+        // A connection straight to an endpoint address, or a port the service does not list.
+        None => Some(service_port),
+    };
+    let ready: Vec<(&ResolvedEndpoint, u16)> = endpoints
+        .iter()
+        .filter(|e| e.ready && !e.addresses.is_empty())
+        .filter_map(|e| Some((e, target_port(e)?)))
+        .collect();
     if ready.is_empty() {
         return Err(Error::NoEndpoint(authority));
     }
-    let endpoint = ready[proxy.next_index(ready.len())];
-    let target_port = match resolved.ports.iter().find(|p| p.port == service_port).map(|p| &p.target_port) {
-        Some(TargetPort::Number(n)) => *n,
-        Some(TargetPort::Name(name)) => endpoint
-            .ports
-            .iter()
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .map(|p| p.port)
-            .ok_or_else(|| Error::NoEndpoint(format!("{authority} (no endpoint port named {name})")))?,
-        // A connection straight to an endpoint address, or a port the service does not list.
-        None => service_port,
+    let candidates: Vec<Candidate> = ready
+        .iter()
+        .map(|(e, port)| Candidate {
+            addr: SocketAddr::new(e.addresses[0], *port),
+            node: e.node.clone(),
+            zone: e.zone.clone(),
+            hints: e.hints_for_zones.clone(),
+        })
+        .collect();
+    let tier = if proxy.traffic_for(&authority).topology {
+        balance::preferred(&candidates, &proxy.locality, |c| proxy.balancer.usable(&authority, c.addr))
+    } else {
+        candidates.iter().collect()
     };
+    let in_flight = proxy
+        .balancer
+        .pick(&authority, &tier, balance::roll())
+        .ok_or_else(|| Error::NoEndpoint(format!("{authority} (every endpoint is ejected after failures)")))?;
+    let (endpoint, target_port) = ready
+        .iter()
+        .find(|(e, port)| SocketAddr::new(e.addresses[0], *port) == in_flight.addr())
+        .copied()
+        .ok_or_else(|| Error::NoEndpoint(authority.clone()))?;
     let ip = endpoint.addresses[0];
-    Ok(match &endpoint.identity {
+    let plan = match &endpoint.identity {
         Some(identity) => Plan::Meshed {
             peer: SocketAddr::new(ip, proxy.peer_inbound_port),
             identity: identity.clone(),
@@ -187,27 +258,41 @@ fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<Pla
             authority,
         },
         None => Plan::Plain { addr: SocketAddr::new(ip, target_port), authority },
-    })
+    };
+    Ok((plan, Some(in_flight)))
 }
 
-async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan) -> Result<(), Error> {
+/// Carries an opaque connection; the balancer hears whether connecting worked.
+async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan, in_flight: Option<InFlight>) -> Result<(), Error> {
     let open = OpenConnection::new(&proxy.metrics, plan.labels("outbound"));
     let mut client = Counted::new(client, open.read_counter(), open.write_counter());
+    let report = |in_flight: Option<InFlight>, ok: bool| {
+        if let Some(in_flight) = in_flight {
+            in_flight.finish(if ok { Outcome::Success } else { Outcome::Failure });
+        }
+    };
     match plan {
         Plan::Passthrough { addr } | Plan::Plain { addr, .. } => {
-            let mut server = connect(addr, proxy.connect_timeout).await?;
+            let connected = connect(addr, proxy.connect_timeout).await;
+            report(in_flight, connected.is_ok());
+            let mut server = connected?;
             splice(&mut client, &mut server, proxy.tcp_idle_timeout).await?;
         }
         Plan::Meshed { peer, identity, target_port, authority } => {
             let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
             let server_name = ServerName::try_from(identity.clone())
                 .map_err(|e| Error::Tls { peer: identity.clone(), reason: e.to_string() })?;
-            let tcp = connect(peer, proxy.connect_timeout).await?;
-            let handshake = TlsConnector::from(Arc::clone(&tls.client)).connect(server_name, tcp);
-            let mut server = tokio::time::timeout(proxy.connect_timeout, handshake)
-                .await
-                .map_err(|_| Error::Timeout("TLS handshake with the peer"))?
-                .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: e.to_string() })?;
+            let connected = async {
+                let tcp = connect(peer, proxy.connect_timeout).await?;
+                let handshake = TlsConnector::from(Arc::clone(&tls.client)).connect(server_name, tcp);
+                tokio::time::timeout(proxy.connect_timeout, handshake)
+                    .await
+                    .map_err(|_| Error::Timeout("TLS handshake with the peer"))?
+                    .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: e.to_string() })
+            }
+            .await;
+            report(in_flight, connected.is_ok());
+            let mut server = connected?;
             let header = Header { target_port, protocol: Protocol::Opaque, authority: Some(authority) };
             server.write_all(&header.encode()).await?;
             splice(&mut client, &mut server, proxy.tcp_idle_timeout).await?;

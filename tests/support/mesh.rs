@@ -105,19 +105,45 @@ pub fn two_boxes_setup(
     identity_extra: &str,
     proxy_extra: &str,
 ) -> Boxes {
+    two_boxes_custom(backend, &Setup { endpoint_sa, identity_extra, proxy_extra, ..Setup::default() })
+}
+
+/// Everything two boxes can be set up with.
+#[derive(Clone, Copy)]
+pub struct Setup<'a> {
+    /// The service account of the pod behind box B's endpoint (None: unmeshed).
+    pub endpoint_sa: Option<&'a str>,
+    /// Keys for both boxes' `[identity]` tables.
+    pub identity_extra: &'a str,
+    /// Keys for both boxes' `[proxy]` tables.
+    pub proxy_extra: &'a str,
+    /// Whole tables appended to box B's configuration.
+    pub b_extra: &'a str,
+    /// Box A's own service account.
+    pub a_service_account: &'a str,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Self { endpoint_sa: Some("echo"), identity_extra: "", proxy_extra: "", b_extra: "", a_service_account: "web" }
+    }
+}
+
+pub fn two_boxes_custom(backend: SocketAddr, setup: &Setup<'_>) -> Boxes {
+    let Setup { endpoint_sa, identity_extra, proxy_extra, b_extra, a_service_account } = *setup;
     let dirs = tempfile::tempdir().unwrap();
     let identity = format!("{}{identity_extra}", shared_issuer(dirs.path()));
     let b_inbound = SocketAddr::from(([127, 0, 0, 2], free_port_on_b()));
     let b = Daemon::builder()
         .config(&format!(
-            "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"echo\"\n[proxy]\n{proxy_extra}"
+            "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"echo\"\n[proxy]\n{proxy_extra}{b_extra}"
         ))
         .env("MESHKEEP_PROXY_INBOUND_LISTEN", b_inbound.to_string())
         .spawn();
     let listener = free_addr();
     manifests(&dirs.path().join("a-manifests"), backend.port(), endpoint_sa);
     let a_config = format!(
-        "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"web\"\n\
+        "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"{a_service_account}\"\n\
          [upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n\
          [proxy]\npeer_inbound_port = {}\n{proxy_extra}[[proxy.listeners]]\nlisten = \"{listener}\"\nservice = \"echo.shop\"\nport = 80\n",
         dirs.path().join("a-manifests").display().to_string(),

@@ -1,0 +1,65 @@
+//! Routing and authorization decided from the snapshot by pure functions: which backends an
+//! HTTP request goes to (Gateway API HTTPRoute, SMI TrafficSplit) and whether a client may
+//! reach a local workload (SMI TrafficTarget with HTTPRouteGroup and TCPRoute). The proxy calls
+//! them per request or connection with the snapshot of the moment, so a policy change applies
+//! to the next request without touching established connections.
+
+pub mod authz;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use http::HeaderMap;
+
+use crate::model::{HttpMatch, Kind, Object, ObjectRef};
+use crate::store::Snapshot;
+
+/// What routing and authorization look at in a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Every object of `kind` in every source, in a stable order (source, namespace, name).
+fn objects(snapshot: &Snapshot, kind: Kind) -> impl Iterator<Item = (&ObjectRef, &Object)> {
+    snapshot.sources().filter_map(move |(source, _)| snapshot.objects(source, kind)).flat_map(|objects| objects.iter())
+}
+
+/// Compiled regular expressions, by pattern; patterns come from policy objects, so they are
+/// few and repeat. An invalid pattern never matches.
+static REGEXES: Mutex<Option<HashMap<String, Option<regex_lite::Regex>>>> = Mutex::new(None);
+/// Beyond this many patterns the cache starts over (policy churn must not grow memory).
+const MAX_REGEXES: usize = 512;
+
+/// Whether `value` matches `pattern` as a whole (anchored at both ends).
+pub fn full_match(pattern: &str, value: &str) -> bool {
+    let mut cache = REGEXES.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if cache.len() >= MAX_REGEXES && !cache.contains_key(pattern) {
+        cache.clear();
+    }
+    let regex = cache.entry(pattern.to_owned()).or_insert_with(|| {
+        let anchored = format!("^(?:{pattern})$");
+        regex_lite::Regex::new(&anchored)
+            .inspect_err(|e| tracing::warn!(%pattern, error = %e, "policy: invalid regular expression never matches"))
+            .ok()
+    });
+    regex.as_ref().is_some_and(|r| r.is_match(value))
+}
+
+/// Whether an SMI HTTPRouteGroup match accepts the request.
+pub fn smi_match(m: &HttpMatch, request: &RequestInfo<'_>) -> bool {
+    let method_ok =
+        m.methods.is_empty() || m.methods.iter().any(|x| x == "*" || x.eq_ignore_ascii_case(request.method));
+    let path_ok = m.path_regex.as_deref().is_none_or(|p| full_match(p, request.path));
+    let headers_ok = m.headers.iter().all(|(name, pattern)| {
+        request.headers.get_all(name.as_str()).iter().any(|v| v.to_str().is_ok_and(|v| full_match(pattern, v)))
+    });
+    method_ok && path_ok && headers_ok
+}
+
+#[cfg(test)]
+mod tests;

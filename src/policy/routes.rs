@@ -1,0 +1,235 @@
+//! Where an HTTP request for a service goes: the HTTPRoute rule that matches it (Gateway API
+//! precedence), else the service's TrafficSplit, else the service itself; then one backend
+//! chosen by weight among those that exist.
+
+use std::time::Duration;
+
+use super::{RequestInfo, full_match, objects, smi_match};
+use crate::model::{HttpRoute, HttpRouteMatch, Kind, Object, PathMatch, TrafficSplit};
+use crate::store::Snapshot;
+
+/// A weighted backend service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub namespace: String,
+    pub service: String,
+    /// The port on the backend service; `None` keeps the request's port.
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+/// The routing decision for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// What decided: `HTTPRoute shop/name rule 0`, `TrafficSplit shop/name` or `default`.
+    pub by: String,
+    /// Backends that exist, with weights; empty when an HTTPRoute applies but no rule matches
+    /// (404) or none of the rule's backends exists (500).
+    pub backends: Vec<Backend>,
+    /// Why `backends` is empty, as the HTTP status to answer with.
+    pub refusal: Option<u16>,
+    /// `timeouts.request` of the rule.
+    pub request_timeout: Option<Duration>,
+    /// `timeouts.backendRequest` of the rule (each try).
+    pub backend_timeout: Option<Duration>,
+}
+
+impl Choice {
+    fn to(by: String, backends: Vec<Backend>) -> Self {
+        Self { by, backends, refusal: None, request_timeout: None, backend_timeout: None }
+    }
+
+    /// The backend for a uniformly random `roll` in `0..u32::MAX` (weights need not sum to
+    /// anything in particular).
+    pub fn pick(&self, roll: u32) -> Option<&Backend> {
+        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut point = u64::from(roll) * total / (u64::from(u32::MAX) + 1);
+        for backend in &self.backends {
+            if point < u64::from(backend.weight) {
+                return Some(backend);
+            }
+            point -= u64::from(backend.weight);
+        }
+        self.backends.last()
+    }
+}
+
+/// How specific a matching rule is, by Gateway API precedence: exact path, then longer path
+/// prefix, then a method, then more headers; earlier routes (by namespace and name) and
+/// earlier rules win ties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Specificity {
+    exact: bool,
+    path_len: usize,
+    method: bool,
+    headers: usize,
+}
+
+/// Routes a request for `service` in `namespace` on `port`. `exists(namespace, service)` says
+/// whether a backend service is known; missing backends are dropped.
+pub fn choose(
+    snapshot: &Snapshot,
+    namespace: &str,
+    service: &str,
+    port: u16,
+    request: &RequestInfo<'_>,
+    exists: impl Fn(&str, &str) -> bool,
+) -> Choice {
+    let routes: Vec<&HttpRoute> = objects(snapshot, Kind::HttpRoute)
+        .filter_map(|(_, o)| match o {
+            Object::HttpRoute(r) if attaches(r, namespace, service, port) => Some(r),
+            _ => None,
+        })
+        .collect();
+    if !routes.is_empty() {
+        return from_http_routes(&routes, namespace, service, request, exists);
+    }
+    let splits = objects(snapshot, Kind::TrafficSplit).filter_map(|(_, o)| match o {
+        Object::TrafficSplit(s) if s.meta.namespace == namespace && s.service == service => Some(s),
+        _ => None,
+    });
+    for split in splits {
+        if split_applies(snapshot, split, request) {
+            let backends: Vec<Backend> = split
+                .backends
+                .iter()
+                .filter(|b| b.weight > 0 && exists(namespace, &b.service))
+                .map(|b| Backend {
+                    namespace: namespace.to_owned(),
+                    service: b.service.clone(),
+                    port: None,
+                    weight: b.weight,
+                })
+                .collect();
+            // A split whose backends are all missing leaves the service as it is.
+            if !backends.is_empty() {
+                return Choice::to(format!("TrafficSplit {}/{}", split.meta.namespace, split.meta.name), backends);
+            }
+        }
+    }
+    Choice::to(
+        "default".to_owned(),
+        vec![Backend { namespace: namespace.to_owned(), service: service.to_owned(), port: None, weight: 1 }],
+    )
+}
+
+/// An HTTPRoute attaches to a Service parent (group "" or "core") of that name and namespace,
+/// on its port if the parent names one.
+fn attaches(route: &HttpRoute, namespace: &str, service: &str, port: u16) -> bool {
+    route.parents.iter().any(|p| {
+        p.kind == "Service"
+            && (p.group.is_empty() || p.group == "core")
+            && p.namespace == namespace
+            && p.name == service
+            && p.port.is_none_or(|p| p == port)
+    })
+}
+
+fn from_http_routes(
+    routes: &[&HttpRoute],
+    namespace: &str,
+    service: &str,
+    request: &RequestInfo<'_>,
+    exists: impl Fn(&str, &str) -> bool,
+) -> Choice {
+    let mut best: Option<(Specificity, usize, usize)> = None;
+    for (route_index, route) in routes.iter().enumerate() {
+        for (rule_index, rule) in route.rules.iter().enumerate() {
+            let specificity = if rule.matches.is_empty() {
+                Some(Specificity { exact: false, path_len: 1, method: false, headers: 0 })
+            } else {
+                rule.matches.iter().filter_map(|m| matches(m, request)).max()
+            };
+            let Some(specificity) = specificity else { continue };
+            // Strictly greater: ties keep the earlier route and rule.
+            if best.is_none_or(|(b, _, _)| specificity > b) {
+                best = Some((specificity, route_index, rule_index));
+            }
+        }
+    }
+    let Some((_, route_index, rule_index)) = best else {
+        let mut choice = Choice::to(format!("HTTPRoute for {service}.{namespace}: no rule matches"), Vec::new());
+        choice.refusal = Some(404);
+        return choice;
+    };
+    let (route, rule) = (routes[route_index], &routes[route_index].rules[rule_index]);
+    let by = format!("HTTPRoute {}/{} rule {rule_index}", route.meta.namespace, route.meta.name);
+    let mut choice = if rule.backends.is_empty() {
+        // No backendRefs: the request goes to the parent service itself.
+        Choice::to(
+            by,
+            vec![Backend { namespace: namespace.to_owned(), service: service.to_owned(), port: None, weight: 1 }],
+        )
+    } else {
+        let backends: Vec<Backend> = rule
+            .backends
+            .iter()
+            .filter(|b| b.weight > 0 && exists(&b.namespace, &b.name))
+            .map(|b| Backend {
+                namespace: b.namespace.clone(),
+                service: b.name.clone(),
+                port: b.port,
+                weight: b.weight,
+            })
+            .collect();
+        let refusal = backends.is_empty().then_some(500);
+        Choice { refusal, ..Choice::to(by, backends) }
+    };
+    choice.request_timeout = rule.request_timeout_ms.map(Duration::from_millis);
+    choice.backend_timeout = rule.backend_request_timeout_ms.map(Duration::from_millis);
+    choice
+}
+
+/// The specificity of a match that accepts the request, or `None`.
+fn matches(m: &HttpRouteMatch, request: &RequestInfo<'_>) -> Option<Specificity> {
+    let (exact, path_len) = match &m.path {
+        None => (false, 1),
+        Some(PathMatch::Exact(p)) => (request.path == p).then_some((true, p.len()))?,
+        Some(PathMatch::Prefix(p)) => prefix_matches(p, request.path).then_some((false, p.len()))?,
+        Some(PathMatch::Regex(p)) => full_match(p, request.path).then_some((false, p.len()))?,
+    };
+    if m.method.as_deref().is_some_and(|method| !method.eq_ignore_ascii_case(request.method)) {
+        return None;
+    }
+    for header in &m.headers {
+        let ok = request.headers.get_all(header.name.as_str()).iter().any(|v| {
+            v.to_str().is_ok_and(|v| if header.regex { full_match(&header.value, v) } else { v == header.value })
+        });
+        if !ok {
+            return None;
+        }
+    }
+    Some(Specificity { exact, path_len, method: m.method.is_some(), headers: m.headers.len() })
+}
+
+/// Gateway API prefixes match whole path segments: `/api` matches `/api` and `/api/x`, not
+/// `/apis`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// A TrafficSplit with HTTPRouteGroup matches applies only to requests one of them accepts.
+fn split_applies(snapshot: &Snapshot, split: &TrafficSplit, request: &RequestInfo<'_>) -> bool {
+    if split.matches.is_empty() {
+        return true;
+    }
+    split.matches.iter().any(|reference| {
+        objects(snapshot, Kind::HttpRouteGroup).any(|(key, o)| match o {
+            Object::HttpRouteGroup(group) if key.namespace == split.meta.namespace && key.name == reference.name => {
+                group
+                    .matches
+                    .iter()
+                    .filter(|m| reference.matches.is_empty() || reference.matches.contains(&m.name))
+                    .any(|m| smi_match(m, request))
+            }
+            _ => false,
+        })
+    })
+}

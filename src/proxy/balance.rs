@@ -1,0 +1,357 @@
+//! Endpoint choice per service: topology preference (same node, then same zone, then any),
+//! then power of two choices over peak-EWMA latency weighted by requests in flight (Linkerd's
+//! balancer), with failure accrual: consecutive failures eject an endpoint for an exponential,
+//! jittered backoff, after which one probe request decides whether it comes back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::TrafficConfig;
+
+/// A ready endpoint the balancer may pick.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Where requests go (the endpoint, or the peer proxy in front of it): the balancer's key.
+    pub addr: SocketAddr,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    /// EndpointSlice hints: zones that should consume this endpoint.
+    pub hints: Vec<String>,
+}
+
+/// The box's place in the topology.
+#[derive(Debug, Clone, Default)]
+pub struct Locality {
+    pub node: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// The tier of candidates topology prefers: same node if any, else same zone (its own or
+/// hinted for this zone), else all. A tier whose endpoints are all ejected is skipped.
+pub fn preferred<'a>(
+    candidates: &'a [Candidate],
+    locality: &Locality,
+    usable: impl Fn(&Candidate) -> bool,
+) -> Vec<&'a Candidate> {
+    let node = |c: &&Candidate| locality.node.is_some() && c.node == locality.node;
+    let zone = |c: &&Candidate| {
+        locality
+            .zone
+            .as_ref()
+            .is_some_and(|z| if c.hints.is_empty() { c.zone.as_ref() == Some(z) } else { c.hints.contains(z) })
+    };
+    for tier in [candidates.iter().filter(node).collect::<Vec<_>>(), candidates.iter().filter(zone).collect::<Vec<_>>()]
+    {
+        if tier.iter().any(|c| usable(c)) {
+            return tier;
+        }
+    }
+    candidates.iter().collect()
+}
+
+/// How a request (or connection attempt) to an endpoint ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// A 5xx answer, a refused or failed connection, a timeout.
+    Failure,
+}
+
+/// What the balancer knows of one endpoint.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    /// Peak-EWMA of response latency, in seconds.
+    ewma: f64,
+    updated: Instant,
+    pending: u32,
+    consecutive_failures: u32,
+    /// Ejections in a row (the backoff doubles with each).
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    /// One probe is allowed after an ejection; its outcome decides.
+    probing: bool,
+    requests: u64,
+    failures: u64,
+}
+
+/// One endpoint's state for `meshkeep endpoints`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct EndpointReport {
+    pub addr: String,
+    pub ewma_ms: f64,
+    pub pending: u32,
+    pub state: String,
+    pub consecutive_failures: u32,
+    pub requests: u64,
+    pub failures: u64,
+}
+
+/// All services' endpoint state.
+#[derive(Debug)]
+pub struct Balancer {
+    settings: Settings,
+    services: Mutex<HashMap<String, HashMap<SocketAddr, Endpoint>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Settings {
+    default_rtt: f64,
+    decay: f64,
+    failure_accrual: u32,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    jitter: f64,
+}
+
+/// Counts a request in flight until dropped; [`Balancer::finish`] records its outcome.
+#[derive(Debug)]
+pub struct InFlight {
+    balancer: Arc<Balancer>,
+    service: String,
+    addr: SocketAddr,
+    started: Instant,
+    done: bool,
+}
+
+impl InFlight {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Records the outcome and the latency since the pick.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        self.balancer.observe(&self.service, self.addr, self.started.elapsed(), outcome);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            // Abandoned (the client went away): no outcome, just no longer in flight.
+            self.balancer.release(&self.service, self.addr);
+        }
+    }
+}
+
+impl Balancer {
+    pub fn new(config: &TrafficConfig) -> Self {
+        Self {
+            settings: Settings {
+                default_rtt: config.ewma_default_rtt.get().as_secs_f64(),
+                decay: config.ewma_decay.get().as_secs_f64().max(0.001),
+                failure_accrual: config.failure_accrual.max(1),
+                backoff_min: config.ejection_backoff_min.get(),
+                backoff_max: config.ejection_backoff_max.get(),
+                jitter: config.ejection_jitter.0,
+            },
+            services: Mutex::default(),
+        }
+    }
+
+    /// Picks among `candidates` (already narrowed by topology), or `None` when all of them are
+    /// ejected and none is due for a probe. `roll` is a random number.
+    pub fn pick(self: &Arc<Self>, service: &str, candidates: &[&Candidate], roll: u64) -> Option<InFlight> {
+        let now = Instant::now();
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        let endpoints = services.entry(service.to_owned()).or_default();
+        // Forget endpoints that left the service once nothing is in flight to them.
+        if endpoints.len() > candidates.len() {
+            endpoints.retain(|addr, e| e.pending > 0 || candidates.iter().any(|c| c.addr == *addr));
+        }
+        let settings = &self.settings;
+        let mut available: Vec<SocketAddr> = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            let endpoint = endpoints.entry(candidate.addr).or_insert_with(|| Endpoint::new(settings.default_rtt, now));
+            if endpoint.available(now) {
+                available.push(candidate.addr);
+            }
+        }
+        // An endpoint whose ejection has run out gets the next request: the probe that decides
+        // whether it comes back.
+        let probe =
+            available.iter().copied().find(|addr| endpoints.get(addr).is_some_and(|e| e.ejected_until.is_some()));
+        let chosen = match available.len() {
+            0 => return None,
+            _ if probe.is_some() => probe?,
+            1 => available[0],
+            n => {
+                let first = (roll % n as u64) as usize;
+                let second = (first + 1 + ((roll >> 32) % (n as u64 - 1)) as usize) % n;
+                let cost = |addr: &SocketAddr| endpoints.get(addr).map_or(f64::MAX, |e| e.cost(settings, now));
+                let (a, b) = (available[first], available[second]);
+                if cost(&a) <= cost(&b) { a } else { b }
+            }
+        };
+        let endpoint = endpoints.get_mut(&chosen)?;
+        if endpoint.ejected_until.is_some() {
+            endpoint.probing = true;
+        }
+        endpoint.pending += 1;
+        endpoint.requests += 1;
+        Some(InFlight {
+            balancer: Arc::clone(self),
+            service: service.to_owned(),
+            addr: chosen,
+            started: now,
+            done: false,
+        })
+    }
+
+    /// Whether the endpoint could be picked now (not ejected, or due for its probe).
+    pub fn usable(&self, service: &str, addr: SocketAddr) -> bool {
+        let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        services.get(service).and_then(|s| s.get(&addr)).is_none_or(|e| e.available(Instant::now()))
+    }
+
+    fn release(&self, service: &str, addr: SocketAddr) {
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = services.get_mut(service).and_then(|s| s.get_mut(&addr)) {
+            e.pending = e.pending.saturating_sub(1);
+            e.probing = false;
+        }
+    }
+
+    fn observe(&self, service: &str, addr: SocketAddr, rtt: Duration, outcome: Outcome) {
+        let now = Instant::now();
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = services.get_mut(service).and_then(|s| s.get_mut(&addr)) else { return };
+        e.pending = e.pending.saturating_sub(1);
+        let rtt = rtt.as_secs_f64();
+        let estimate = e.decayed(&self.settings, now);
+        if rtt > estimate {
+            e.ewma = rtt; // peak: slowness shows at once
+        } else {
+            let elapsed = now.duration_since(e.updated).as_secs_f64();
+            let w = (-elapsed / self.settings.decay).exp();
+            e.ewma = estimate * w + rtt * (1.0 - w);
+        }
+        e.updated = now;
+        match outcome {
+            Outcome::Success => {
+                e.consecutive_failures = 0;
+                if e.probing || e.ejected_until.is_some() {
+                    e.ejections = 0;
+                    e.ejected_until = None;
+                }
+                e.probing = false;
+            }
+            Outcome::Failure => {
+                e.failures += 1;
+                e.consecutive_failures += 1;
+                if e.probing || e.consecutive_failures >= self.settings.failure_accrual {
+                    let backoff = self.backoff(e.ejections, unit_random());
+                    e.ejected_until = Some(now + backoff);
+                    e.ejections = e.ejections.saturating_add(1);
+                    e.consecutive_failures = 0;
+                    e.probing = false;
+                    tracing::info!(%service, %addr, backoff_ms = backoff.as_millis() as u64, "balancer: endpoint ejected after failures");
+                }
+            }
+        }
+    }
+
+    /// `min * 2^ejections`, capped at `max`; then up to `jitter` of it is added or removed,
+    /// by `unit` (a random number in [0, 1)).
+    fn backoff(&self, ejections: u32, unit: f64) -> Duration {
+        let base = self.settings.backoff_min.as_secs_f64() * 2f64.powi(ejections.min(30) as i32);
+        let base = base.min(self.settings.backoff_max.as_secs_f64());
+        let factor = 1.0 + self.settings.jitter * (unit * 2.0 - 1.0);
+        Duration::from_secs_f64((base * factor).max(0.0))
+    }
+
+    /// The state of a service's endpoints.
+    pub fn report(&self, service: &str) -> Vec<EndpointReport> {
+        let now = Instant::now();
+        let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<EndpointReport> = services
+            .get(service)
+            .map(|endpoints| {
+                endpoints
+                    .iter()
+                    .map(|(addr, e)| EndpointReport {
+                        addr: addr.to_string(),
+                        ewma_ms: e.ewma * 1000.0,
+                        pending: e.pending,
+                        state: match e.ejected_until {
+                            Some(until) if until > now => format!("ejected for {}ms", (until - now).as_millis()),
+                            Some(_) => "probing".to_owned(),
+                            None => "active".to_owned(),
+                        },
+                        consecutive_failures: e.consecutive_failures,
+                        requests: e.requests,
+                        failures: e.failures,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.sort_by(|a, b| a.addr.cmp(&b.addr));
+        rows
+    }
+
+    /// Services the balancer has state for.
+    pub fn services(&self) -> Vec<String> {
+        let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = services.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+impl Endpoint {
+    fn new(default_rtt: f64, now: Instant) -> Self {
+        Self {
+            ewma: default_rtt,
+            updated: now,
+            pending: 0,
+            consecutive_failures: 0,
+            ejections: 0,
+            ejected_until: None,
+            probing: false,
+            requests: 0,
+            failures: 0,
+        }
+    }
+
+    /// Not ejected, or due for its single probe.
+    fn available(&self, now: Instant) -> bool {
+        match self.ejected_until {
+            None => true,
+            Some(until) => until <= now && !self.probing,
+        }
+    }
+
+    /// Peak-EWMA cost: the latency estimate, decayed toward zero since the last observation
+    /// (so an endpoint that was slow is tried again once it has rested), times the requests
+    /// it would have in flight.
+    fn cost(&self, settings: &Settings, now: Instant) -> f64 {
+        f64::from(self.pending + 1) * self.decayed(settings, now)
+    }
+
+    fn decayed(&self, settings: &Settings, now: Instant) -> f64 {
+        let elapsed = now.duration_since(self.updated).as_secs_f64();
+        self.ewma * (-elapsed / settings.decay).exp()
+    }
+}
+
+/// A random number in [0, 1), for jitter.
+fn unit_random() -> f64 {
+    (roll() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A random number for picks (not for anything secret).
+pub fn roll() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,92 @@
+use super::*;
+use crate::config::TrafficConfig;
+
+fn candidate(last: u8, node: &str, zone: &str) -> Candidate {
+    Candidate {
+        addr: SocketAddr::from(([10, 0, 0, last], 8080)),
+        node: Some(node.into()),
+        zone: Some(zone.into()),
+        hints: Vec::new(),
+    }
+}
+
+fn balancer() -> Arc<Balancer> {
+    Arc::new(Balancer::new(&TrafficConfig::default()))
+}
+
+#[test]
+fn topology_prefers_the_node_then_the_zone_then_anything_usable() {
+    let candidates = [candidate(1, "n1", "z1"), candidate(2, "n2", "z1"), candidate(3, "n3", "z2")];
+    let here = Locality { node: Some("n1".into()), zone: Some("z1".into()) };
+    let addrs = |tier: Vec<&Candidate>| tier.iter().map(|c| c.addr.ip().to_string()).collect::<Vec<_>>();
+    assert_eq!(addrs(preferred(&candidates, &here, |_| true)), vec!["10.0.0.1"]);
+    let not_one = |c: &Candidate| c.addr.ip().to_string() != "10.0.0.1";
+    assert_eq!(
+        addrs(preferred(&candidates, &here, not_one)),
+        vec!["10.0.0.1", "10.0.0.2"],
+        "same zone when the node's is unusable"
+    );
+    let elsewhere = Locality { node: Some("n9".into()), zone: Some("z9".into()) };
+    assert_eq!(addrs(preferred(&candidates, &elsewhere, |_| true)).len(), 3, "no preference: all");
+    let mut hinted = candidates.clone();
+    hinted[2].hints = vec!["z1".into()];
+    hinted[1].hints = vec!["z2".into()];
+    let zone_only = Locality { node: None, zone: Some("z1".into()) };
+    assert_eq!(
+        addrs(preferred(&hinted, &zone_only, |_| true)),
+        vec!["10.0.0.1", "10.0.0.3"],
+        "hints decide over zones"
+    );
+}
+
+#[test]
+fn two_choices_favour_the_faster_endpoint() {
+    let balancer = balancer();
+    let candidates = [candidate(1, "n", "z"), candidate(2, "n", "z")];
+    let refs: Vec<&Candidate> = candidates.iter().collect();
+    let mut picks = [0u32; 2];
+    for i in 0..400u64 {
+        let mut pick = balancer.pick("svc", &refs, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
+        let slow = pick.addr() == candidates[1].addr;
+        picks[usize::from(slow)] += 1;
+        // Resolve the pick as if the endpoint answered in 1 ms or 50 ms.
+        pick.started = Instant::now() - Duration::from_millis(if slow { 50 } else { 1 });
+        pick.finish(Outcome::Success);
+    }
+    assert!(picks[1] < 60, "the slow endpoint got {} of 400", picks[1]);
+}
+
+#[test]
+fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
+    let mut config = TrafficConfig::default();
+    config.ejection_backoff_min = crate::config::Duration::from_millis(50);
+    config.ejection_jitter = crate::config::Ratio(0.0);
+    let balancer = Arc::new(Balancer::new(&config));
+    let only = [candidate(1, "n", "z")];
+    let refs: Vec<&Candidate> = only.iter().collect();
+    for _ in 0..6 {
+        balancer.pick("svc", &refs, 1).unwrap().finish(Outcome::Failure);
+    }
+    assert!(balancer.report("svc")[0].state == "active", "six failures are not enough");
+    balancer.pick("svc", &refs, 1).unwrap().finish(Outcome::Failure);
+    assert!(balancer.report("svc")[0].state.starts_with("ejected"), "{:?}", balancer.report("svc"));
+    assert!(balancer.pick("svc", &refs, 1).is_none(), "no pick while ejected");
+    std::thread::sleep(Duration::from_millis(70));
+    let probe = balancer.pick("svc", &refs, 1).expect("a probe is allowed after the backoff");
+    assert!(balancer.pick("svc", &refs, 1).is_none(), "only one probe at a time");
+    probe.finish(Outcome::Failure);
+    assert!(balancer.report("svc")[0].state.starts_with("ejected"), "a failed probe ejects again");
+    std::thread::sleep(Duration::from_millis(130)); // the backoff doubled to 100 ms
+    balancer.pick("svc", &refs, 1).expect("probe").finish(Outcome::Success);
+    assert_eq!(balancer.report("svc")[0].state, "active", "a successful probe restores it");
+}
+
+#[test]
+fn backoff_doubles_up_to_the_maximum_with_jitter_around_it() {
+    let balancer = Balancer::new(&TrafficConfig::default());
+    assert_eq!(balancer.backoff(0, 0.5), Duration::from_secs(1));
+    assert_eq!(balancer.backoff(3, 0.5), Duration::from_secs(8));
+    assert_eq!(balancer.backoff(20, 0.5), Duration::from_secs(60));
+    assert_eq!(balancer.backoff(0, 0.0), Duration::from_millis(500), "jitter 0.5 takes up to half off");
+    assert!(balancer.backoff(0, 0.999) < Duration::from_millis(1500));
+}
