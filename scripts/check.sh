@@ -10,8 +10,8 @@ stage setup scripts/setup.sh
 stage fmt cargo fmt --check
 stage clippy cargo clippy --locked --all-targets -- -D warnings
 stage test cargo test --locked
-# The unit's hardening: exposure 2.0 or less (the threshold is exposure x 10).
-stage systemd-unit systemd-analyze security --offline=true --threshold=20 --no-pager systemd/meshkeep.service
+# The units verify cleanly and the daemon's hardening keeps exposure at 2.0 or less.
+stage systemd-unit scripts/check-systemd.sh
 stage arm-build scripts/build-arm.sh
 stage arm-selftest scripts/arm-selftest.sh
 stage aarch64-tests scripts/test-aarch64.sh

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -38,11 +38,12 @@ pub fn run(loaded: Loaded) -> anyhow::Result<()> {
 
 async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     let started = Instant::now();
-    let Loaded { config, files, embedded, env_overrides, service_manager } = loaded;
-    let notifier = Notifier::new(service_manager.notify_socket.as_deref()).unwrap_or_else(|e| {
+    let Loaded { config, files, embedded, env_overrides, service_manager, reload_from } = loaded;
+    let notifier = Arc::new(Notifier::new(service_manager.notify_socket.as_deref()).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "NOTIFY_SOCKET is unusable; systemd will not be notified");
         Notifier::disabled()
-    });
+    }));
+    let rescan = Arc::new(tokio::sync::Notify::new());
     log_startup(&config, &files, embedded, &env_overrides, workers);
 
     let state_dir = config.store.state_dir();
@@ -87,7 +88,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
             },
         };
         tracing::info!(path = %path.display(), "local manifests: watching");
-        tokio::spawn(local::run(source, updates.clone(), drain_watch.clone()));
+        tokio::spawn(local::run(source, updates.clone(), Arc::clone(&rescan), drain_watch.clone()));
     }
     for (name, link_config) in &config.upstream.links {
         tokio::spawn(link::run(name.to_string(), link_config.clone(), updates.clone(), drain_watch.clone()));
@@ -144,7 +145,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
             store_quarantined: quarantined.map(|q| format!("{} ({})", q.moved_to.display(), q.reason)),
             ..ProcessInfo::default()
         },
-        identity: Some(identity_status_rx),
+        identity: Some(identity_status_rx.clone()),
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
         golden: proxy.as_ref().map(|p| Arc::clone(&p.http.golden)),
         balancer: proxy.as_ref().map(|p| Arc::clone(&p.balancer)),
@@ -164,7 +165,27 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
         config.admin.listen
     ));
 
-    wait_for_shutdown().await?;
+    let status = crate::supervise::StatusSources { snapshots: snapshots.clone(), identity: identity_status_rx };
+    if notifier.is_enabled() {
+        // Fed at half the watchdog period; without a watchdog, only STATUS= is refreshed.
+        let interval = service_manager.watchdog.map_or(Duration::from_secs(30), |w| w / 2);
+        tokio::spawn(crate::supervise::health_loop(
+            Arc::clone(&notifier),
+            config.admin.listen,
+            interval,
+            status.clone(),
+        ));
+    }
+    let mut reloader = crate::supervise::Reloader {
+        reload_from,
+        current: config.clone(),
+        rescan,
+        notifier: Arc::clone(&notifier),
+        status,
+    };
+    while wait_for_signal().await? == Signal::Reload {
+        reloader.reload();
+    }
 
     notifier.stopping("draining connections");
     drop(drain_watch);
@@ -249,16 +270,21 @@ fn configured_sources(config: &Config) -> BTreeSet<SourceId> {
 
 /// Waits for SIGTERM or SIGINT. SIGHUP is logged: reloading arrives with the reload work,
 /// until then the signal must not kill the process (its default action).
-async fn wait_for_shutdown() -> anyhow::Result<()> {
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// Waits for SIGTERM or SIGINT (stop) or SIGHUP (reload).
+async fn wait_for_signal() -> anyhow::Result<Signal> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
-            _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not implemented yet; restart to apply changes"),
-        }
+    tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(Signal::Stop) }
+        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(Signal::Stop) }
+        _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); Ok(Signal::Reload) }
     }
 }
 

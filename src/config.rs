@@ -954,6 +954,8 @@ pub struct Loaded {
     pub env_overrides: Vec<String>,
     /// What the service manager told the process, if it was started by one.
     pub service_manager: ServiceManager,
+    /// The explicit configuration file (`--config`), for a reload to read the same one.
+    pub reload_from: Option<PathBuf>,
 }
 
 /// What systemd passes a service through its environment.
@@ -963,6 +965,8 @@ pub struct ServiceManager {
     pub notify_socket: Option<String>,
     /// Whether stderr is connected to the journal (`JOURNAL_STREAM` matches it).
     pub stderr_is_journal: bool,
+    /// `WATCHDOG_USEC` (for this process): WATCHDOG=1 must arrive at least this often.
+    pub watchdog: Option<std::time::Duration>,
 }
 
 impl Source {
@@ -1022,12 +1026,63 @@ impl Source {
             message,
         })?;
         self.resolve_defaults(&mut config, main_file.is_none(), &config_dir);
+        self.resolve_credentials(&mut config).map_err(|(key, message)| Error::Invalid {
+            key,
+            message,
+            files: files.clone(),
+        })?;
         config.validate().map_err(|(key, message)| Error::Invalid { key, message, files: files.clone() })?;
+        let for_us = self.env.get("WATCHDOG_PID").is_none_or(|pid| pid.parse() == Ok(std::process::id()));
         let service_manager = ServiceManager {
             notify_socket: self.env.get("NOTIFY_SOCKET").cloned(),
             stderr_is_journal: self.stderr_is_journal(),
+            watchdog: self
+                .env
+                .get("WATCHDOG_USEC")
+                .and_then(|usec| usec.parse().ok())
+                .filter(|usec| *usec > 0 && for_us)
+                .map(std::time::Duration::from_micros),
         };
-        Ok(Loaded { config, files, embedded: main_file.is_none(), env_overrides, service_manager })
+        let reload_from = self.explicit_file.clone();
+        Ok(Loaded { config, files, embedded: main_file.is_none(), env_overrides, service_manager, reload_from })
+    }
+
+    /// Link secrets written `credential:NAME` are the files systemd's `LoadCredential=` put in
+    /// `$CREDENTIALS_DIRECTORY`.
+    fn resolve_credentials(&self, config: &mut Config) -> Result<(), (String, String)> {
+        let directory = self.env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        for (name, link) in &mut config.upstream.links {
+            let paths: Vec<(&str, &mut PathBuf)> = match &mut link.access {
+                LinkAccess::Kubeconfig { path, .. } => vec![("kubeconfig", path)],
+                LinkAccess::Server { token_file, ca_file, .. } => {
+                    let mut paths = Vec::new();
+                    if let Some(path) = token_file {
+                        paths.push(("token_file", path));
+                    }
+                    if let Some(path) = ca_file {
+                        paths.push(("ca_file", path));
+                    }
+                    paths
+                }
+            };
+            for (key, path) in paths {
+                let Some(credential) = path.to_str().and_then(|p| p.strip_prefix("credential:")) else { continue };
+                let key = format!("upstream.links.{name}.{key}");
+                if credential.is_empty() || credential.contains('/') {
+                    return Err((key, format!("{credential:?} is not a credential name")));
+                }
+                let Some(directory) = &directory else {
+                    return Err((
+                        key,
+                        format!(
+                            "credential:{credential} needs systemd's LoadCredential= (CREDENTIALS_DIRECTORY is not set)"
+                        ),
+                    ));
+                };
+                *path = directory.join(credential);
+            }
+        }
+        Ok(())
     }
 
     /// The main file (if any) and the directory whose `config.d/` holds drop-ins.
@@ -1236,6 +1291,47 @@ mod tests {
     fn load_err(files: &[(&str, &str)], env: &[(&str, &str)]) -> String {
         let (_dir, source) = source_with(files, env);
         source.load().expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn the_watchdog_is_ours_only_for_our_pid() {
+        let ours = std::process::id().to_string();
+        let watchdog = |env: &[(&str, &str)]| {
+            let (_dir, source) = source_with(&[("config.toml", "")], env);
+            source.load().expect("load").service_manager.watchdog
+        };
+        assert_eq!(watchdog(&[("WATCHDOG_USEC", "30000000")]), Some(std::time::Duration::from_secs(30)));
+        assert_eq!(
+            watchdog(&[("WATCHDOG_USEC", "30000000"), ("WATCHDOG_PID", &ours)]),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            watchdog(&[("WATCHDOG_USEC", "30000000"), ("WATCHDOG_PID", "1")]),
+            None,
+            "another process's watchdog"
+        );
+        assert_eq!(watchdog(&[]), None);
+    }
+
+    #[test]
+    fn credentials_resolve_to_the_credentials_directory() {
+        let link =
+            "[upstream.links.east]\nserver = \"https://10.0.0.1:6443\"\ntoken_file = \"credential:east-token\"\n";
+        let (_dir, source) =
+            source_with(&[("config.toml", link)], &[("CREDENTIALS_DIRECTORY", "/run/credentials/meshkeep.service")]);
+        let loaded = source.load().expect("load");
+        let LinkAccess::Server { token_file, .. } = &loaded.config.upstream.links.values().next().unwrap().access
+        else {
+            panic!("a server link");
+        };
+        assert_eq!(token_file.as_deref(), Some(Path::new("/run/credentials/meshkeep.service/east-token")));
+        let err = load_err(&[("config.toml", link)], &[]);
+        assert!(err.contains("upstream.links.east.token_file") && err.contains("CREDENTIALS_DIRECTORY"), "{err}");
+        let bad = link.replace("credential:east-token", "credential:../etc/shadow");
+        assert!(
+            load_err(&[("config.toml", &bad)], &[("CREDENTIALS_DIRECTORY", "/run/c")])
+                .contains("not a credential name")
+        );
     }
 
     #[test]

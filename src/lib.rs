@@ -22,5 +22,6 @@ pub mod readiness;
 pub mod redirect;
 pub mod status;
 pub mod store;
+pub mod supervise;
 pub mod systemd;
 pub mod upstream;

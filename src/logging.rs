@@ -1,16 +1,27 @@
 //! Log output: the journal under systemd (levels mapped to syslog priorities), stderr elsewhere.
 
-use tracing_subscriber::EnvFilter;
+use std::sync::OnceLock;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::{LogConfig, LogOutput};
+
+/// Swaps the filter of the installed subscriber (configuration reload).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Replaces the log filter; `false` when logging was not initialised by [`init`].
+pub fn set_filter(filter: &str) -> bool {
+    FILTER.get().is_some_and(|handle| handle.reload(EnvFilter::builder().parse_lossy(filter)).is_ok())
+}
 
 /// Installs the global subscriber. `stderr_is_journal` says whether systemd connected stderr to
 /// the journal, which `auto` follows.
 pub fn init(config: &LogConfig, stderr_is_journal: bool) {
     // The filter was validated when the configuration was loaded.
-    let filter = EnvFilter::builder().parse_lossy(config.filter.as_str());
+    let (filter, handle) = reload::Layer::new(EnvFilter::builder().parse_lossy(config.filter.as_str()));
+    let _ = FILTER.set(handle);
     let want_journal = match config.output {
         LogOutput::Journald => true,
         LogOutput::Stderr => false,
@@ -32,5 +43,10 @@ fn stderr_layer<S>() -> impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true)
+    use std::io::IsTerminal as _;
+    // Colours only for a person at a terminal, never into files or pipes.
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(true)
+        .with_ansi(std::io::stderr().is_terminal())
 }

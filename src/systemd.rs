@@ -46,6 +46,11 @@ impl Notifier {
         self.send(&format!("STATUS={}", one_line(status)));
     }
 
+    /// A reload started (READY=1 follows when it is done).
+    pub fn reloading(&self) {
+        self.send("RELOADING=1\nSTATUS=reloading the configuration");
+    }
+
     /// The service is shutting down.
     pub fn stopping(&self, status: &str) {
         self.send(&format!("STOPPING=1\nSTATUS={}", one_line(status)));

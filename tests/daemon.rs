@@ -150,8 +150,13 @@ fn systemd_hears_ready_only_once_serving_and_stopping_on_sigterm() {
     assert_eq!(daemon.get("/ready").0, 200);
 
     daemon.signal(Signal::SIGTERM);
-    let n = systemd.recv(&mut buf).expect("STOPPING notification");
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("STOPPING=1"));
+    // STATUS= updates may come first; STOPPING=1 must follow.
+    let stopping = (0..20).find_map(|_| {
+        let n = systemd.recv(&mut buf).expect("STOPPING notification");
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        message.starts_with("STOPPING=1").then_some(message)
+    });
+    assert!(stopping.is_some(), "no STOPPING=1");
     assert!(daemon.wait_exit(Duration::from_secs(15)).success());
 }
 

@@ -384,3 +384,27 @@ fn traffic_targets_authorize_by_identity_and_changes_apply_live() {
     assert!(metrics.contains("inbound_http_authz_deny_total{target_port="), "{metrics}");
     assert!(metrics.contains("inbound_tcp_authz_deny_total{target_port="), "{metrics}");
 }
+
+#[test]
+fn an_http_route_chooses_by_header_and_its_timeout_answers_504() {
+    let ips = [[127, 0, 0, 2], [127, 0, 0, 3]];
+    let port = common_port(&ips);
+    let stable = Backend::start(ips[0], port, Mode::default());
+    let canary = Backend::start(ips[1], port, Mode { delay: Duration::from_secs(2), ..Mode::default() });
+    let route = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-canary, namespace: shop}\nspec:\n  parentRefs: [{group: core, kind: Service, name: web, port: 80}]\n  rules:\n    - matches: [{headers: [{name: x-canary, value: \"1\"}]}]\n      backendRefs: [{name: web-v2, port: 80}]\n      timeouts: {request: 300ms}\n    - backendRefs: [{name: web, port: 80}]\n";
+    let manifests = format!(
+        "{}{}{route}",
+        service_yaml("web", "10.96.1.1", port, &[(2, "z", true)]),
+        service_yaml("web-v2", "10.96.1.2", port, &[(3, "z", true)])
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, listener) = daemon(dir.path(), &manifests, "");
+    let plain = curl(&["--http1.1", "-H", "Host: web.shop", &format!("http://{listener}/")]);
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    assert_eq!((stable.hits(), canary.hits()), (1, 0));
+    let started = Instant::now();
+    let slow = curl(&["--http1.1", "-H", "Host: web.shop", "-H", "x-canary: 1", &format!("http://{listener}/")]);
+    assert!(slow.starts_with("HTTP/1.1 504"), "{slow}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "the rule's 300 ms, not the backend's 2 s");
+    assert_eq!(canary.hits(), 1, "the header chose the canary, and its timeout left no time to retry");
+}

@@ -234,8 +234,10 @@ pub struct Routed {
     pub route: Route,
     /// The balancer's record of the attempt; its outcome is reported when the answer comes.
     pub in_flight: Option<InFlight>,
-    /// The route's response timeout, if it sets one.
+    /// The route's timeout for the whole request, retries included, if it sets one.
     pub timeout: Option<Duration>,
+    /// The route's timeout for each try, if it sets one.
+    pub try_timeout: Option<Duration>,
     /// The service asked for (`name.ns.svc.<domain>:port`), before any split: the metrics label.
     pub authority: String,
 }
@@ -325,7 +327,8 @@ where
     let labels = RequestLabels { direction: "outbound", authority: routed.authority.clone(), tls: routed.route.tls() };
     proxy.http.requests.get_or_create(&labels).inc();
     let policy = proxy.traffic_for(&routed.authority);
-    let timeout = routed.timeout.unwrap_or(policy.response_timeout);
+    // Until the response headers, over all tries.
+    let deadline = tokio::time::Instant::now() + routed.timeout.unwrap_or(policy.response_timeout);
     let version = parts.version;
     let host = parts
         .headers
@@ -346,6 +349,8 @@ where
     proxy.budget.deposit(&routed.authority);
     let mut retries = 0;
     let response = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let timeout = routed.try_timeout.map_or(left, |t| t.min(left));
         let mut headers = parts.headers.clone();
         let attempt = match &routed.route {
             Route::Meshed { peer, identity, target_port, authority } => {
@@ -383,7 +388,8 @@ where
             in_flight.finish(if failed { Outcome::Failure } else { Outcome::Success });
         }
         // A retry happens before anything of the response reaches the client.
-        if failed && body.replayable() && retries < policy.max_retries {
+        let time_left = deadline > tokio::time::Instant::now();
+        if failed && body.replayable() && retries < policy.max_retries && time_left {
             if proxy.budget.withdraw(&labels.authority) {
                 if let Ok(next) = route(proxy, &info) {
                     retries += 1;

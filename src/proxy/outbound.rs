@@ -167,7 +167,8 @@ fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) ->
         Resolution::Service { resolved, port } => (resolved, port),
         Resolution::Passthrough(addr) => {
             let route = Route::Plain { addr, authority: "unknown".into() };
-            return Ok(Routed { route, in_flight: None, timeout: None, authority: "unknown".into() });
+            let authority = "unknown".to_owned();
+            return Ok(Routed { route, in_flight: None, timeout: None, try_timeout: None, authority });
         }
     };
     let authority = format!("{}:{port}", resolved.fqdn);
@@ -200,7 +201,7 @@ fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) ->
         Plan::Plain { addr, authority } => Route::Plain { addr, authority },
         Plan::Passthrough { addr } => Route::Plain { addr, authority: "unknown".into() },
     };
-    Ok(Routed { route, in_flight, timeout: choice.request_timeout, authority })
+    Ok(Routed { route, in_flight, timeout: choice.request_timeout, try_timeout: choice.backend_timeout, authority })
 }
 
 /// Picks a ready endpoint (topology first, then the balancer) and the port on it that

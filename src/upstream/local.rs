@@ -170,7 +170,13 @@ struct Folder {
 }
 
 /// Polls the folder and sends its objects until the drain starts.
-pub async fn run(source: LocalSource, updates: Updates, drain: drain::Watch) {
+/// Scans the folder every poll interval, and at once when `rescan` is notified (reload).
+pub async fn run(
+    source: LocalSource,
+    updates: Updates,
+    rescan: std::sync::Arc<tokio::sync::Notify>,
+    drain: drain::Watch,
+) {
     let mut folder = Folder::default();
     let mut first = true;
     loop {
@@ -201,6 +207,7 @@ pub async fn run(source: LocalSource, updates: Updates, drain: drain::Watch) {
         }
         tokio::select! {
             _ = tokio::time::sleep(source.poll_interval) => {}
+            _ = rescan.notified() => tracing::info!(path = %source.path.display(), "local manifests: rescanning"),
             _ = drain.signaled() => return,
         }
     }
