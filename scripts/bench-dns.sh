@@ -50,7 +50,7 @@ done
 dig +short @127.0.0.1 -p "$meshkeep_port" web.shop.svc.cluster.local | grep -q 10.96.0.10
 dig +short @127.0.0.1 -p "$dnsmasq_port" web.shop.svc.cluster.local | grep -q 10.96.0.10
 
-echo "machine: $(nproc) cores, $(uname -sr); dnsperf $(dnsperf -h 2>&1 | head -1 | grep -o '[0-9][0-9.]*' | head -1)"
+echo "machine: $(nproc) cores, $(uname -sr); dnsperf $(dpkg-query -W -f='${Version}' dnsperf), dnsmasq $(dpkg-query -W -f='${Version}' dnsmasq)"
 echo "| server | queries/s (median, min-max of $RUNS) | average latency ms (median) |"
 echo "|---|---|---|"
 for server in "meshkeep:$meshkeep_port" "dnsmasq:$dnsmasq_port"; do
@@ -58,7 +58,7 @@ for server in "meshkeep:$meshkeep_port" "dnsmasq:$dnsmasq_port"; do
     qps=(); lat=()
     for _ in $(seq "$RUNS"); do
         out=$(dnsperf -s 127.0.0.1 -p "$port" -d "$work/queries" -l "$SECONDS_PER_RUN" -c 10 -q 100 2>&1)
-        qps+=("$(echo "$out" | awk '/Queries per second/ {print $4}')")
+        qps+=("$(echo "$out" | awk '/Queries per second/ {printf "%.0f", $4}')")
         lat+=("$(echo "$out" | awk '/Average Latency/ {print $4 * 1000}')")
     done
     median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
