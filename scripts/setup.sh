@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-APT_PACKAGES=(curl file openssl qemu-user-static iproute2 nftables python3 python3-pip systemd bind9-dnsutils chromium)
+APT_PACKAGES=(curl file openssl qemu-user-static iproute2 nftables python3 python3-pip systemd bind9-dnsutils chromium
+    mmdebstrap arch-test qemu-system-arm dosfstools mtools fdisk e2fsprogs)
 PIP_PACKAGES=(ziglang==0.17.1 cargo-zigbuild==0.24.1)
 
 missing=()
@@ -24,7 +25,7 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 rustup component add rustfmt clippy rust-src
-rustup target add aarch64-unknown-linux-musl
+rustup target add aarch64-unknown-linux-musl x86_64-unknown-linux-musl
 # armv7-unknown-linux-musleabihf has no prebuilt std here: scripts/build-arm.sh builds it from
 # rust-src with -Zbuild-std.
 
