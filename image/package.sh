@@ -87,21 +87,21 @@ done
 check=$(mktemp -d)
 trap 'rm -rf "$check"' EXIT
 deb=$out/meshkeep_${version}_amd64.deb
-dpkg-deb -f "$deb" Package Version Architecture | grep -q "Architecture: amd64"
+dpkg-deb -f "$deb" Package Version Architecture | grep "Architecture: amd64" >/dev/null
 dpkg-deb -x "$deb" "$check/deb"
 for file in usr/bin/meshkeep usr/lib/systemd/system/meshkeep.service usr/lib/sysusers.d/meshkeep.conf usr/lib/tmpfiles.d/meshkeep.conf; do
     [ -e "$check/deb/$file" ] || { echo "$deb lacks $file" >&2; exit 1; }
 done
-"$check/deb/usr/bin/meshkeep" --version | grep -q "$version"
+"$check/deb/usr/bin/meshkeep" --version | grep "$version" >/dev/null
 sed "s|/usr/bin/meshkeep|$check/deb/usr/bin/meshkeep|g" "$check/deb/usr/lib/systemd/system/meshkeep.service" > "$check/meshkeep.service"
 if systemd-analyze verify --man=no "$check/meshkeep.service" 2>&1 | grep -F "$check"; then
     echo "the packaged unit does not verify" >&2
     exit 1
 fi
 for arch in arm64 armhf; do
-    dpkg-deb -c "$out/meshkeep_${version}_${arch}.deb" | grep -q './usr/bin/meshkeep'
+    dpkg-deb -c "$out/meshkeep_${version}_${arch}.deb" | grep './usr/bin/meshkeep' >/dev/null
 done
 raw=$out/meshkeep_${version}_x86-64.raw
-debugfs -R 'cat /usr/lib/extension-release.d/extension-release.meshkeep' "$raw" 2>/dev/null | grep -q '^ID=_any'
-debugfs -R 'stat /usr/bin/meshkeep' "$raw" 2>/dev/null | grep -q 'Mode:  0755'
+debugfs -R 'cat /usr/lib/extension-release.d/extension-release.meshkeep' "$raw" 2>/dev/null | grep '^ID=_any' >/dev/null
+debugfs -R 'stat /usr/bin/meshkeep' "$raw" 2>/dev/null | grep 'Mode:  0755' >/dev/null
 echo "packages: checked"
