@@ -44,6 +44,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
         Notifier::disabled()
     }));
     let rescan = Arc::new(tokio::sync::Notify::new());
+    let mut signals = Signals::install()?;
     log_startup(&config, &files, embedded, &env_overrides, workers);
 
     let state_dir = config.store.state_dir();
@@ -183,7 +184,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
         notifier: Arc::clone(&notifier),
         status,
     };
-    while wait_for_signal().await? == Signal::Reload {
+    while signals.next().await == Signal::Reload {
         reloader.reload();
     }
 
@@ -276,15 +277,30 @@ enum Signal {
     Reload,
 }
 
-/// Waits for SIGTERM or SIGINT (stop) or SIGHUP (reload).
-async fn wait_for_signal() -> anyhow::Result<Signal> {
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(Signal::Stop) }
-        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(Signal::Stop) }
-        _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); Ok(Signal::Reload) }
+/// The signals the daemon handles. Installed at startup, before READY, so a SIGTERM that
+/// follows READY at once is never met by the default action (immediate death, no drain).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT (stop) or SIGHUP (reload).
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => { tracing::info!("SIGTERM: shutting down"); Signal::Stop }
+            _ = self.int.recv() => { tracing::info!("SIGINT: shutting down"); Signal::Stop }
+            _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading"); Signal::Reload }
+        }
     }
 }
 
