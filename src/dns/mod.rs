@@ -35,6 +35,9 @@ const EDNS_PAYLOAD: u16 = 1232;
 const TCP_CONNECTIONS: usize = 256;
 /// A TCP client silent for this long is disconnected.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// UDP queries being answered at once (forwarded ones wait on upstreams); beyond this, new
+/// queries are dropped as a busy resolver would, and the client retries.
+const UDP_IN_FLIGHT: usize = 1024;
 
 /// The DNS server's shared state.
 #[derive(Debug)]
@@ -208,6 +211,7 @@ pub async fn serve(server: Arc<Server>, (udp, tcp): (UdpSocket, TcpListener), dr
 }
 
 async fn serve_udp(server: Arc<Server>, socket: Arc<UdpSocket>) {
+    let slots = Arc::new(Semaphore::new(UDP_IN_FLIGHT));
     let mut buf = vec![0u8; 65_535];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -218,10 +222,15 @@ async fn serve_udp(server: Arc<Server>, socket: Arc<UdpSocket>) {
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "dns: too many UDP queries in flight; dropping one");
+            continue;
+        };
         let query = buf[..n].to_vec();
         let server = Arc::clone(&server);
         let socket = Arc::clone(&socket);
         tokio::spawn(async move {
+            let _permit = permit;
             if let Some(answer) = server.handle(&query, Transport::Udp).await {
                 let _ = socket.send_to(&answer, peer).await;
             }
