@@ -340,10 +340,14 @@ where
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let wants_retries = policy.retries && (policy.retry_all_methods || idempotent(&parts.method));
     let mut body = match hyper::body::Body::size_hint(&body).exact() {
-        Some(size) if wants_retries && size <= policy.retry_body_limit as u64 => match body.collect().await {
-            Ok(collected) => RequestBody::Replayable(collected.to_bytes()),
-            Err(e) => return empty_with(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}")),
-        },
+        // Kept for replay: a client that trickles its body is held to the response deadline.
+        Some(size) if wants_retries && size <= policy.retry_body_limit as u64 => {
+            match tokio::time::timeout_at(deadline, body.collect()).await {
+                Ok(Ok(collected)) => RequestBody::Replayable(collected.to_bytes()),
+                Ok(Err(e)) => return empty_with(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}")),
+                Err(_) => return empty_with(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
+            }
+        }
         _ => RequestBody::Once(Some(body)),
     };
     proxy.budget.deposit(&routed.authority);
