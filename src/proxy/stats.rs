@@ -16,7 +16,7 @@ const BOUNDS_MS: [f64; 25] = [
     1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0, 1000.0, 2000.0, 3000.0,
     4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
 ];
-/// Routes kept for `top`; the least recently seen one makes room for a new one.
+/// Services and routes kept; the least recently seen one makes room for a new one.
 const MAX_ROUTES: usize = 1000;
 /// Paths are cut to this length.
 const MAX_PATH: usize = 120;
@@ -105,6 +105,19 @@ fn percentile(buckets: &[u64], quantile: f64) -> Option<f64> {
 
 type Key = (&'static str, String, Option<String>);
 
+/// Records into `map`, which keeps at most `MAX_ROUTES` keys: the least recently seen one
+/// makes room (inbound authorities come from peers, so no map may grow without bound).
+fn record_bounded(map: &Mutex<HashMap<Key, Window>>, key: Key, epoch: u64, failure: bool, ms: f64) {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if !map.contains_key(&key)
+        && map.len() >= MAX_ROUTES
+        && let Some(oldest) = map.iter().min_by_key(|(_, w)| w.last_seen).map(|(k, _)| k.clone())
+    {
+        map.remove(&oldest);
+    }
+    map.entry(key).or_default().record(epoch, failure, ms);
+}
+
 /// The sliding windows of every service and route.
 #[derive(Debug)]
 pub struct Golden {
@@ -137,23 +150,14 @@ impl Golden {
     ) {
         let epoch = self.epoch();
         let ms = latency.as_secs_f64() * 1000.0;
-        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        services.entry((direction, authority.to_owned(), None)).or_default().record(epoch, failure, ms);
-        drop(services);
+        record_bounded(&self.services, (direction, authority.to_owned(), None), epoch, failure, ms);
         let path = path.split('?').next().unwrap_or("/");
         let path = match path.char_indices().nth(MAX_PATH) {
             Some((cut, _)) => &path[..cut],
             None => path,
         };
         let key = (direction, authority.to_owned(), Some(format!("{method} {path}")));
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        if !routes.contains_key(&key)
-            && routes.len() >= MAX_ROUTES
-            && let Some(oldest) = routes.iter().min_by_key(|(_, w)| w.last_seen).map(|(k, _)| k.clone())
-        {
-            routes.remove(&oldest);
-        }
-        routes.entry(key).or_default().record(epoch, failure, ms);
+        record_bounded(&self.routes, key, epoch, failure, ms);
     }
 
     /// Per-service rows, busiest first.
