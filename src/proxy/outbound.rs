@@ -173,11 +173,11 @@ fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) ->
     };
     let authority = format!("{}:{port}", resolved.fqdn);
     let snapshot = proxy.snapshots.borrow().clone();
+    // Only a backend the cache knows is absent is dropped; one whose source has not synced is
+    // kept, and answers "unknown" (503) if picked, never "no such backend".
     let exists = |namespace: &str, service: &str| {
-        matches!(
-            discovery::resolve_name(&snapshot, &proxy.settings, &format!("{service}.{namespace}")),
-            Lookup::Found(_)
-        )
+        let name = format!("{service}.{namespace}");
+        !matches!(discovery::resolve_name(&snapshot, &proxy.settings, &name), Lookup::NotFound)
     };
     let choice = routes::choose(&snapshot, &resolved.namespace, &resolved.name, port, request, exists);
     if let Some(status) = choice.refusal {
@@ -191,7 +191,8 @@ fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) ->
         let name = format!("{}.{}", backend.service, backend.namespace);
         match discovery::resolve_name(&snapshot, &proxy.settings, &name) {
             Lookup::Found(backend) => plan_for(proxy, &backend, backend_port)?,
-            _ => return Err(Error::NoEndpoint(format!("{name}:{backend_port} (split backend)"))),
+            Lookup::Unknown { .. } => return Err(Error::EndpointsUnknown(format!("{name}:{backend_port}"))),
+            Lookup::NotFound => return Err(Error::NoEndpoint(format!("{name}:{backend_port} (split backend)"))),
         }
     };
     let route = match plan {
