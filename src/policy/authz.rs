@@ -53,6 +53,11 @@ pub fn authorize(
     request: Option<&RequestInfo<'_>>,
     default: DefaultPolicy,
 ) -> Verdict {
+    // Unknown is not empty: while a source has never listed its TrafficTargets, one of them may
+    // deny this client, so nothing is let through on the default policy's word.
+    if let Some((source, _)) = snapshot.sources().find(|(_, view)| !view.is_known(Kind::TrafficTarget)) {
+        return deny("unknown", format!("{source} has not listed TrafficTargets yet; authorization is unknown"));
+    }
     let targets: Vec<&TrafficTarget> = objects(snapshot, Kind::TrafficTarget)
         .filter_map(|(_, o)| match o {
             Object::TrafficTarget(t) if selects(t, &destination) => Some(t),

@@ -291,3 +291,15 @@ fn regular_expressions_match_whole_values_and_bad_ones_never_match() {
     assert!(!full_match("/products(/.*)?", "/x/products"));
     assert!(!full_match("(unclosed", "(unclosed"));
 }
+
+#[test]
+fn authorization_is_denied_while_a_source_has_not_listed_its_traffic_targets() {
+    let mut unlisted = SourceView::default();
+    unlisted.set_kind(Kind::Service, Vec::new());
+    let s = Snapshot::from_sources([(SourceId::Local, unlisted)]);
+    let dest = Destination { namespace: "shop", service_account: "api", port: 80 };
+    let web = id("web");
+    let verdict = authz::authorize(&s, &settings(), dest, Some(&web), None, DefaultPolicy::AllUnauthenticated);
+    assert!(!verdict.allowed, "unknown policy is not the default policy: {verdict:?}");
+    assert_eq!(verdict.by, "unknown");
+}
