@@ -102,7 +102,10 @@ fn link_down_keeps_serving_and_reports_disconnected() {
 fn restart_while_cut_off_serves_the_same_answers_from_disk() {
     let kube = shop_cluster();
     let mut daemon = start_with(&link_config("east", &kube, "federated"));
-    daemon.wait_for("synced", SYNC, |d| ips(d, "api.shop").is_some());
+    // Kinds sync independently: wait for the pods too, so the answer carries the identity.
+    daemon.wait_for("synced with the identity", SYNC, |d| {
+        d.resolve("api.shop")["endpoints"][0]["identity"] == "api.shop.serviceaccount.identity.linkerd.cluster.local"
+    });
     let before = daemon.resolve("api.shop");
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(15)).success());
