@@ -51,6 +51,9 @@ pub struct Settings {
     pub issuer_files: Option<(PathBuf, PathBuf, PathBuf)>,
     /// Create a local root and issuer when no issuer is configured or synced.
     pub standalone: bool,
+    /// The sources that may sync an issuer Secret: no standalone root is created while one of
+    /// them has not listed it yet (a box that links to a cluster joins that cluster's trust).
+    pub issuer_sources: Vec<SourceId>,
     pub standalone_lifetime: Duration,
     pub proxy: Option<IdentityName>,
     pub workloads: Vec<Workload>,
@@ -105,6 +108,8 @@ pub struct Manager<C: Clock> {
     floor: TimeFloor,
     issuer: Option<(IssuerOrigin, IssuerPem, Issuer)>,
     leaves: BTreeMap<IdentityName, Leaf>,
+    /// A source in `issuer_sources` has not listed its issuer Secret yet.
+    issuer_pending: bool,
     issued_total: u64,
     renewal_failures_total: u64,
     last_error: Option<String>,
@@ -119,12 +124,14 @@ impl<C: Clock> Manager<C> {
     pub fn open(settings: Settings, dir: &Path, clock: C) -> Result<Self, Error> {
         std::fs::create_dir_all(dir.join("leaves")).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
         let floor = TimeFloor::load(&dir.join("time-floor"));
+        let issuer_pending = !settings.issuer_sources.is_empty();
         let mut manager = Self {
             settings,
             dir: dir.to_owned(),
             clock,
             floor,
             issuer: None,
+            issuer_pending,
             leaves: BTreeMap::new(),
             issued_total: 0,
             renewal_failures_total: 0,
@@ -183,8 +190,9 @@ impl<C: Clock> Manager<C> {
     }
 
     /// Chooses the issuer: configured files, else the first source (local, then links by name)
-    /// that synced an issuer Secret, else a standalone CA. A new issuer replaces the old one at
-    /// once; certificates already issued stay valid until rotated.
+    /// that synced an issuer Secret, else (once every source has listed its Secrets, or with no
+    /// source) a standalone CA. A new issuer replaces the old one at once, and certificates it
+    /// did not sign are renewed at the next tick.
     pub fn select_issuer(&mut self, snapshot: &Snapshot) {
         let candidate = match &self.settings.issuer_files {
             Some((cert, key, anchors)) => match read_issuer_files(cert, key, anchors) {
@@ -196,6 +204,8 @@ impl<C: Clock> Manager<C> {
             },
             None => issuer_from_snapshot(snapshot),
         };
+        self.issuer_pending =
+            self.settings.issuer_sources.iter().any(|source| snapshot.objects(source, Kind::IdentityIssuer).is_none());
         if let Some((origin, material)) = candidate {
             self.adopt(origin, material);
         }
@@ -234,7 +244,11 @@ impl<C: Clock> Manager<C> {
             self.note_error(e.to_string());
             return retry;
         }
-        if self.issuer.is_none() && self.settings.standalone && self.settings.issuer_files.is_none() {
+        if self.issuer.is_none() && self.settings.issuer_files.is_none() && self.issuer_pending {
+            let sources: Vec<String> = self.settings.issuer_sources.iter().map(ToString::to_string).collect();
+            self.note_error(format!("waiting for the identity issuer from {}", sources.join(", ")));
+            return retry;
+        } else if self.issuer.is_none() && self.settings.standalone && self.settings.issuer_files.is_none() {
             match ca::standalone(&self.settings.trust_domain, now, self.settings.standalone_lifetime) {
                 Ok(material) => {
                     tracing::warn!(trust_domain = %self.settings.trust_domain, "no identity issuer configured or synced: created a standalone root; this box is its own trust domain");
@@ -245,7 +259,11 @@ impl<C: Clock> Manager<C> {
         }
         let mut next = now + Duration::from_secs(3600);
         for name in self.managed() {
-            let due = self.leaves.get(&name).map(|leaf| leaf.renew_at(self.settings.renew_fraction));
+            let due = self
+                .leaves
+                .get(&name)
+                .filter(|leaf| self.signed_by_current_issuer(leaf))
+                .map(|leaf| leaf.renew_at(self.settings.renew_fraction));
             if due.is_none_or(|due| due <= now) {
                 match self.issue(&name, now) {
                     Ok(leaf) => {
@@ -270,6 +288,12 @@ impl<C: Clock> Manager<C> {
         next.max(now + Duration::from_millis(100))
     }
 
+    /// Whether `leaf` was signed by the issuer in use. One from a replaced issuer is renewed at
+    /// once: peers that follow the new trust may not accept it.
+    fn signed_by_current_issuer(&self, leaf: &Leaf) -> bool {
+        self.issuer.as_ref().is_none_or(|(_, _, issuer)| leaf.chain.get(1) == issuer.chain.first())
+    }
+
     /// Issues and caches a certificate for `name`.
     fn issue(&mut self, name: &IdentityName, now: SystemTime) -> Result<Leaf, Error> {
         let (_, _, issuer) = self.issuer.as_ref().ok_or(Error::NoIssuer)?;
@@ -292,6 +316,7 @@ impl<C: Clock> Manager<C> {
         if let Some(leaf) = self.leaves.get(name)
             && leaf.renew_at(self.settings.renew_fraction) > now
             && leaf.info.is_valid_at(now)
+            && self.signed_by_current_issuer(leaf)
         {
             return Ok(leaf.clone());
         }

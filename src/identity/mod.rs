@@ -129,6 +129,12 @@ pub fn settings(config: &crate::config::Config) -> manager::Settings {
         skew: identity.clock_skew.get(),
         issuer_files,
         standalone: identity.standalone,
+        issuer_sources: config
+            .upstream
+            .links
+            .keys()
+            .map(|name| crate::model::SourceId::Link(name.to_string()))
+            .collect(),
         standalone_lifetime: identity.standalone_lifetime.get(),
         proxy: Some(name(&identity.proxy.namespace, &identity.proxy.service_account)),
         workloads: identity
@@ -181,7 +187,7 @@ pub async fn run<C: clock::Clock>(
                 SystemTime::now() + std::time::Duration::from_secs(10)
             }
         };
-        let wait = next.duration_since(SystemTime::now()).unwrap_or_default().min(std::time::Duration::from_secs(60));
+        let wait = next.duration_since(SystemTime::now()).unwrap_or_default().min(RECHECK);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             changed = snapshots.changed(), if snapshots_open => snapshots_open = changed.is_ok(),
@@ -191,6 +197,10 @@ pub async fn run<C: clock::Clock>(
     let shared = std::sync::Arc::clone(&manager);
     let _ = tokio::task::spawn_blocking(move || lock(&shared).persist_floor()).await;
 }
+
+/// The longest the identity loop sleeps: a wall-clock step (NTP setting a clock that booted at
+/// 1970, a jump forward or back) is noticed within this, since timers run on the monotonic clock.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Identity metrics, read from the published status at scrape time.
 #[derive(Debug)]

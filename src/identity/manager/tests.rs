@@ -37,6 +37,7 @@ fn settings() -> Settings {
         skew: Duration::from_secs(60),
         issuer_files: None,
         standalone: true,
+        issuer_sources: Vec::new(),
         standalone_lifetime: 365 * DAY,
         proxy: Some(IdentityName::new("edge", "meshkeep", "cluster.local", "linkerd")),
         workloads: vec![],
@@ -153,7 +154,7 @@ fn a_new_issuer_from_a_source_replaces_the_old_one_without_a_restart() {
     let mut manager = Manager::open(settings(), dir.path(), clock.clone()).unwrap();
     manager.select_issuer(&Snapshot::default());
     manager.tick();
-    let old_leaf = manager.proxy_certificate().unwrap().info.clone();
+    let old_leaf = manager.proxy_certificate().unwrap().chain.clone();
 
     let upstream = ca::standalone("cluster.local", clock.now(), 365 * DAY).unwrap();
     let mut view = SourceView::default();
@@ -177,11 +178,38 @@ fn a_new_issuer_from_a_source_replaces_the_old_one_without_a_restart() {
     manager.select_issuer(&snapshot);
     assert_eq!(manager.status().issuer_origin, Some(IssuerOrigin::Source { source: "link/east".into() }));
     manager.tick();
-    assert_eq!(manager.proxy_certificate().unwrap().info, old_leaf, "issued certificates stay until rotated");
-    clock.advance(DAY);
-    manager.tick();
+    // Peers that follow the new trust may not accept the old issuer's certificate: renewed now.
     let renewed = manager.proxy_certificate().unwrap();
+    assert_ne!(renewed.chain, old_leaf, "a certificate from the replaced issuer is renewed at once");
+    assert_eq!(
+        renewed.chain[1],
+        ca::certificates_from_pem(&upstream.certificate).unwrap()[0],
+        "signed by the new issuer"
+    );
     assert_eq!(renewed.trust_anchors_pem(), ca::pem_of(&ca::certificates_from_pem(&upstream.trust_anchors).unwrap()));
+}
+
+#[test]
+fn a_box_with_a_link_waits_for_the_clusters_issuer_instead_of_creating_its_own() {
+    use crate::store::SourceView;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::at(start());
+    let east = SourceId::Link("east".into());
+    let settings = Settings { issuer_sources: vec![east.clone()], ..settings() };
+    let mut manager = Manager::open(settings, dir.path(), clock.clone()).unwrap();
+    // The link has not listed its Secrets yet (or cannot reach the cluster).
+    manager.select_issuer(&Snapshot::default());
+    manager.tick();
+    assert!(manager.proxy_certificate().is_none(), "no standalone root while the cluster's issuer may still come");
+    assert!(manager.status().last_error.is_some_and(|e| e.contains("waiting for the identity issuer from link/east")));
+
+    // Listed, and the cluster has none: only then is the box its own trust domain.
+    let mut view = SourceView::default();
+    view.set_kind(Kind::IdentityIssuer, []);
+    manager.select_issuer(&Snapshot::from_sources([(east, view)]));
+    manager.tick();
+    assert!(manager.proxy_certificate().is_some());
+    assert_eq!(manager.status().issuer_origin, Some(IssuerOrigin::Standalone));
 }
 
 #[test]
