@@ -31,6 +31,8 @@ use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
 use super::balance::{InFlight, Outcome};
+use super::detect::Protocol;
+use super::head::{HeadClock, Watched};
 use super::tcp::{Activity, Counted};
 use super::transport::Header;
 use super::{Error, Proxy, connect};
@@ -204,6 +206,7 @@ async fn drive<C, E>(
     shutdown: impl Fn(Pin<&mut C>),
     activity: Activity,
     idle: Duration,
+    head: Option<(&HeadClock, Duration)>,
     drain: drain::Watch,
 ) -> Result<(), Error>
 where
@@ -212,10 +215,25 @@ where
 {
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
+    let head_overdue = async {
+        match head {
+            Some((clock, limit)) => clock.overdue(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut head_overdue = std::pin::pin!(head_overdue);
     loop {
         tokio::select! {
             result = connection.as_mut() => {
                 return result.map_err(|e| Error::Io(std::io::Error::other(e.to_string())));
+            }
+            () = head_overdue.as_mut() => {
+                // A client that starts a request head and never finishes it: cut, not drained.
+                let limit = head.map_or(Duration::ZERO, |(_, limit)| limit);
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("request head not complete within {limit:?}"),
+                )));
             }
             () = activity.idle_for(idle), if !closing => {
                 closing = true;
@@ -256,6 +274,7 @@ impl Route {
 pub async fn serve_outbound<R>(
     proxy: Arc<Proxy>,
     client: Counted<tokio::net::TcpStream>,
+    protocol: Protocol,
     route: R,
     drain: drain::Watch,
 ) -> Result<(), Error>
@@ -263,17 +282,24 @@ where
     R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Error> + Send + Sync + 'static,
 {
     let (activity, idle, header_timeout) = (client.activity(), proxy.http_idle_timeout, proxy.header_read_timeout);
+    // HTTP/1 heads have their own deadline; HTTP/2 connections only the idle timeout.
+    let head = HeadClock::new();
+    let client = Watched::new(client, Arc::clone(&head));
     let route = Arc::new(route);
+    let clock = Arc::clone(&head);
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let route = Arc::clone(&route);
-        async move { Ok::<_, Infallible>(outbound_request(&proxy, &*route, request).await) }
+        let clock = Arc::clone(&clock);
+        clock.head_complete();
+        async move { Ok::<_, Infallible>(clock.track(outbound_request(&proxy, &*route, request).await)) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
+    builder.http1().timer(TokioTimer::new()).max_buf_size(64 * 1024);
     builder.http2().max_header_list_size(64 * 1024);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
-    drive(connection, |c| c.graceful_shutdown(), activity, idle, drain).await
+    let head = (protocol == Protocol::Http1).then_some((&*head, header_timeout));
+    drive(connection, |c| c.graceful_shutdown(), activity, idle, head, drain).await
 }
 
 /// Methods a retry cannot harm (RFC 9110 idempotent methods).
@@ -525,7 +551,7 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024)
         .serve_connection(TokioIo::new(session), service);
-    drive(connection, |c| c.graceful_shutdown(), activity, idle, drain).await
+    drive(connection, |c| c.graceful_shutdown(), activity, idle, None, drain).await
 }
 
 /// What an inbound HTTP/2 connection from a peer knows of that peer.
@@ -540,20 +566,26 @@ pub struct InboundPeer {
     pub identity: Option<String>,
 }
 
-async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &InboundPeer) -> Response<Body> {
-    let started = Instant::now();
-    let label = peer.authority.as_str();
-    let headers = request.headers_mut();
+/// Takes the markers the peer's proxy added off a request's headers: the target port (else
+/// `default_port`, from the transport header) and the HTTP version the original client used.
+pub(crate) fn take_markers(headers: &mut http::HeaderMap, default_port: u16) -> (u16, Version) {
     let port = headers
         .remove(TARGET_PORT_HEADER)
         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
         .filter(|p| *p != 0)
-        .unwrap_or(peer.default_port);
+        .unwrap_or(default_port);
     let version = match headers.remove(ORIGINAL_VERSION_HEADER).as_ref().and_then(|v| v.to_str().ok()) {
         Some("HTTP/2") => Version::HTTP_2,
         Some("HTTP/1.0") => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
+    (port, version)
+}
+
+async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &InboundPeer) -> Response<Body> {
+    let started = Instant::now();
+    let label = peer.authority.as_str();
+    let (port, version) = take_markers(request.headers_mut(), peer.default_port);
     let authority = request.uri().authority().map(ToString::to_string).unwrap_or_default();
     let labels = RequestLabels { direction: "inbound", authority: label.to_owned(), tls: "true" };
     proxy.http.requests.get_or_create(&labels).inc();

@@ -10,6 +10,7 @@
 
 pub mod balance;
 pub mod detect;
+mod head;
 pub mod http;
 mod inbound;
 pub mod metrics;

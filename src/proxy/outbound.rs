@@ -126,7 +126,7 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
             let open = OpenConnection::new(&proxy.metrics, labels);
             let client = Counted::new(client, open.read_counter(), open.write_counter());
             let route = move |proxy: &Proxy, request: &RequestInfo<'_>| route(proxy, &destination, request);
-            super::http::serve_outbound(Arc::clone(&proxy), client, route, drain).await
+            super::http::serve_outbound(Arc::clone(&proxy), client, protocol, route, drain).await
         }
         Protocol::Opaque | Protocol::Tls => {
             let (plan, in_flight) = match resolve(&proxy, &destination)? {
