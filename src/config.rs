@@ -209,6 +209,10 @@ pub struct LinkConfig {
     pub trust_roots_configmap: String,
     /// Objects per list page.
     pub page_size: u32,
+    /// The largest response read from the API server: a list page (or any other answer that is
+    /// not a watch stream) and each single event of a watch stream. A larger one fails, is
+    /// reported as the link's error and retried with backoff; the store keeps serving.
+    pub max_response_size: ByteSize,
 }
 
 /// How to reach and authenticate to a cluster.
@@ -244,6 +248,8 @@ struct RawLinkConfig {
     trust_roots_configmap: String,
     #[serde(default = "default_page_size")]
     page_size: u32,
+    #[serde(default = "default_max_response_size")]
+    max_response_size: ByteSize,
 }
 
 fn default_control_plane_namespace() -> String {
@@ -258,6 +264,12 @@ fn default_trust_roots() -> String {
 fn default_page_size() -> u32 {
     500
 }
+fn default_max_response_size() -> ByteSize {
+    ByteSize::from_mib(64)
+}
+
+/// The smallest `max_response_size`: below it even a short list page would not fit.
+const MIN_RESPONSE_SIZE: ByteSize = ByteSize::from_kib(64);
 
 impl TryFrom<RawLinkConfig> for LinkConfig {
     type Error = String;
@@ -285,6 +297,9 @@ impl TryFrom<RawLinkConfig> for LinkConfig {
         if raw.page_size == 0 {
             return Err("page_size must be at least 1".into());
         }
+        if raw.max_response_size < MIN_RESPONSE_SIZE {
+            return Err(format!("max_response_size must be at least {MIN_RESPONSE_SIZE}"));
+        }
         Ok(Self {
             access,
             namespaces: raw.namespaces,
@@ -293,6 +308,7 @@ impl TryFrom<RawLinkConfig> for LinkConfig {
             issuer_secret: raw.issuer_secret,
             trust_roots_configmap: raw.trust_roots_configmap,
             page_size: raw.page_size,
+            max_response_size: raw.max_response_size,
         })
     }
 }
@@ -315,6 +331,7 @@ impl From<LinkConfig> for RawLinkConfig {
             issuer_secret: link.issuer_secret,
             trust_roots_configmap: link.trust_roots_configmap,
             page_size: link.page_size,
+            max_response_size: link.max_response_size,
         }
     }
 }
@@ -825,6 +842,90 @@ impl fmt::Display for Duration {
     }
 }
 
+/// An amount of memory: a number of bytes, or a number and a binary unit (`B`, `KiB`, `MiB`,
+/// `GiB`), with or without a space: `65536`, `512KiB`, `64MiB`, `"1 MiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(u64);
+
+impl ByteSize {
+    pub const fn from_bytes(bytes: u64) -> Self {
+        Self(bytes)
+    }
+
+    pub const fn from_kib(kib: u64) -> Self {
+        Self(kib * 1024)
+    }
+
+    pub const fn from_mib(mib: u64) -> Self {
+        Self(mib * 1024 * 1024)
+    }
+
+    /// The size in bytes.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("expected a size such as \"65536\", \"512KiB\", \"64MiB\" or \"1GiB\", got {s:?}");
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let bytes_per_unit: u64 = match unit.strip_prefix(' ').unwrap_or(unit) {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(bytes_per_unit).map(Self).ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// The largest binary unit that divides the size exactly: `64 MiB`, `1536 KiB`, `100 B`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        for (size, unit) in UNITS {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{} {unit}", self.0 / size);
+            }
+        }
+        write!(f, "{} B", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number of bytes or a size such as \"64MiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom(format!("expected a size in bytes, got {v}")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// A non-empty name without whitespace or control characters (node names, zones).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Name(String);
@@ -1188,13 +1289,19 @@ impl Config {
 /// Reads one file, checks its syntax and that every key is known and well typed.
 fn read_file(path: &Path) -> Result<toml::Table, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+    parse_file(path, &text)
+}
+
+/// Checks the text of one file (named `path` in errors): its syntax, and that every key is known
+/// and well typed. Errors carry the file, line, column and key.
+pub(crate) fn parse_file(path: &Path, text: &str) -> Result<toml::Table, Error> {
     let file_error = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| {
-        let (line, column) = span.map_or((0, 0), |s| position(&text, s.start));
+        let (line, column) = span.map_or((0, 0), |s| position(text, s.start));
         Error::File { path: path.to_owned(), line, column, key, message }
     };
-    let table: toml::Table = toml::from_str(&text).map_err(|e| file_error(e.span(), None, e.message().to_owned()))?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| file_error(e.span(), None, e.message().to_owned()))?;
     let deserializer =
-        toml::Deserializer::parse(&text).map_err(|e| file_error(e.span(), None, e.message().to_owned()))?;
+        toml::Deserializer::parse(text).map_err(|e| file_error(e.span(), None, e.message().to_owned()))?;
     serde_path_to_error::deserialize::<_, Config>(deserializer).map_err(|e| {
         let key = key_of(e.path());
         file_error(e.inner().span(), key, e.inner().message().to_owned())
@@ -1444,6 +1551,48 @@ mod tests {
         for bad in ["", "10", "s", "-1s", "1.5s", "10 s", "99999999999999999999d"] {
             assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        for (text, bytes, printed) in [
+            ("65536", 65_536, "64 KiB"),
+            ("100", 100, "100 B"),
+            ("100B", 100, "100 B"),
+            ("512KiB", 524_288, "512 KiB"),
+            ("1 MiB", 1_048_576, "1 MiB"),
+            ("64MiB", 67_108_864, "64 MiB"),
+            ("1536 KiB", 1_572_864, "1536 KiB"),
+            ("2GiB", 2_147_483_648, "2 GiB"),
+        ] {
+            let size: ByteSize = text.parse().expect(text);
+            assert_eq!(size.get(), bytes, "{text}");
+            assert_eq!(size.to_string(), printed, "{text}");
+            assert_eq!(printed.parse::<ByteSize>(), Ok(size), "{printed} reads back");
+        }
+        for bad in ["", "MiB", "-1", "1.5MiB", "64MB", "64 mib", "64  MiB", " 64MiB", "99999999999GiB"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn a_link_limits_its_responses_to_64_mib_unless_told() {
+        let link = "[upstream.links.east]\nserver = \"https://10.0.0.1:6443\"\n";
+        let limit = |extra: &str| {
+            let (_dir, source) = source_with(&[("config.toml", &format!("{link}{extra}"))], &[]);
+            let config = source.load().expect("load").config;
+            let east = config.upstream.links.values().next().expect("a link").clone();
+            let again: Config = toml::from_str(&config.to_toml()).expect("reparse");
+            assert_eq!(again, config, "round trip");
+            east.max_response_size
+        };
+        assert_eq!(limit(""), ByteSize::from_mib(64));
+        assert_eq!(limit("max_response_size = \"1 MiB\"\n"), ByteSize::from_mib(1));
+        assert_eq!(limit("max_response_size = 131072\n"), ByteSize::from_kib(128));
+        let err = load_err(&[("config.toml", &format!("{link}max_response_size = \"1 KiB\"\n"))], &[]);
+        assert!(err.contains("max_response_size must be at least 64 KiB"), "{err}");
+        let err = load_err(&[("config.toml", &format!("{link}max_response_size = \"lots\"\n"))], &[]);
+        assert!(err.contains("upstream.links.east") && err.contains("expected a size"), "{err}");
     }
 
     #[test]

@@ -6,34 +6,15 @@ mod support;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use support::cluster::{ips, link_config, shop_cluster};
 use support::fake_kube::{FakeKube, Fault};
 use support::objects::{endpoint_slice, pod, service};
 use support::{Daemon, endpoint_ips, meshkeep};
 
 const SYNC: Duration = Duration::from_secs(30);
 
-/// A link config for a fake API server, written next to the daemon's own config.
-fn link_config(name: &str, kube: &FakeKube, mode: &str) -> String {
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    let kubeconfig = kube.write_kubeconfig(&dir);
-    format!("[upstream.links.{name}]\nkubeconfig = {:?}\nmode = \"{mode}\"\n", kubeconfig.display().to_string())
-}
-
-/// A cluster with one service `api.shop` backed by one pod.
-fn shop_cluster() -> FakeKube {
-    let kube = FakeKube::start();
-    kube.apply(service("shop", "api", "10.96.0.11", 80));
-    kube.apply(pod("shop", "api-1", "10.1.0.1", "api"));
-    kube.apply(endpoint_slice("shop", "api", "a", &[("10.1.0.1", "api-1")]));
-    kube
-}
-
 fn start_with(config: &str) -> Daemon {
     Daemon::start(config)
-}
-
-fn ips(daemon: &Daemon, name: &str) -> Option<Vec<String>> {
-    endpoint_ips(&daemon.resolve(name))
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! Each kind (and each namespace, when the link is limited to some) has its own watcher with
 //! kube-rs semantics: paginated list, watch from the list's resourceVersion, bookmarks,
 //! relist on 410 Gone, and backoff with jitter on errors. A relist is buffered from `Init` to
-//! `InitDone` and handed to the store as one replacement.
+//! `InitDone` and handed to the store as one replacement. What a response may bring into memory
+//! is bounded by the link's `max_response_size` (see `limit.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -15,14 +16,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use kube::client::ClientBuilder;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use super::convert::{self, Invalid};
+use super::limit::ResponseLimitLayer;
 use super::wire;
-use crate::config::{LinkAccess, LinkConfig};
+use crate::config::{ByteSize, LinkAccess, LinkConfig};
 use crate::drain;
 use crate::model::{Kind, Object, ObjectRef, SourceId};
 use crate::store::{Update, Updates};
@@ -35,7 +38,8 @@ const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(330);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a client for a link: from a kubeconfig, or from a server URL with a token file and CA.
-pub async fn client(access: &LinkAccess) -> Result<Client, String> {
+/// No response body larger than `max_response_size` is read (watch streams: no event line).
+pub async fn client(access: &LinkAccess, max_response_size: ByteSize) -> Result<Client, String> {
     let config = match access {
         LinkAccess::Kubeconfig { path, context } => {
             let kubeconfig =
@@ -62,7 +66,8 @@ pub async fn client(access: &LinkAccess) -> Result<Client, String> {
             config
         }
     };
-    Client::try_from(config).map_err(|e| format!("cannot build a client: {e}"))
+    let builder = ClientBuilder::try_from(config).map_err(|e| format!("cannot build a client: {e}"))?;
+    Ok(builder.with_layer(&ResponseLimitLayer::new(max_response_size)).build())
 }
 
 fn check_readable(path: &Path) -> Result<(), String> {
@@ -75,7 +80,7 @@ pub async fn run(name: String, config: LinkConfig, updates: Updates, drain: drai
     let source = SourceId::Link(name);
     let mut backoff = Duration::from_secs(1);
     let client = loop {
-        match client(&config.access).await {
+        match client(&config.access, config.max_response_size).await {
             Ok(client) => break client,
             Err(message) => {
                 if updates.send(Update::Failed { source: source.clone(), message }).await.is_err() {
@@ -218,6 +223,11 @@ impl Ctx {
     async fn send(&self, update: Update) -> bool {
         self.updates.send(update).await.is_ok()
     }
+
+    /// After a good event: if the watch had `failing`, reports contact again and clears it.
+    async fn recovered(&self, failing: &mut bool) -> bool {
+        if std::mem::take(failing) { self.send(Update::Contact { source: self.source.clone() }).await } else { true }
+    }
 }
 
 /// Follows one watcher, converting its events into store updates. Returns when the store stops.
@@ -227,6 +237,9 @@ where
     <K as Resource>::DynamicType: Default,
 {
     let mut reported_absent = false;
+    // Set when this watch reported a failure; its next good event reports contact again (a
+    // watch stream carries on after a bad event, so no relist may come to say so).
+    let mut failing = false;
     'restart: loop {
         let mut stream = watcher(api.clone(), wc.clone()).default_backoff().boxed();
         let mut buffer: Option<Vec<Object>> = None;
@@ -241,6 +254,7 @@ where
                     if !ctx.send(Update::Failed { source: ctx.source.clone(), message }).await {
                         return;
                     }
+                    failing = true;
                     continue 'restart;
                 }
             };
@@ -259,6 +273,7 @@ where
                     let objects = buffer.take().unwrap_or_default();
                     let complete = ctx.listed();
                     reported_absent = false;
+                    failing = false;
                     ctx.send(Update::Replace {
                         source: ctx.source.clone(),
                         kind: ctx.kind,
@@ -272,13 +287,14 @@ where
                 }
                 Ok(Event::Apply(object)) => {
                     let resource_version = object.meta().resource_version.clone();
-                    match convert_or_warn(&ctx, &object, convert).await {
+                    let applied = match convert_or_warn(&ctx, &object, convert).await {
                         Some(converted) => {
                             ctx.send(Update::Apply { source: ctx.source.clone(), object: converted, resource_version })
                                 .await
                         }
                         None => true,
-                    }
+                    };
+                    applied && ctx.recovered(&mut failing).await
                 }
                 Ok(Event::Delete(object)) => {
                     let meta = object.meta();
@@ -293,6 +309,7 @@ where
                         resource_version: meta.resource_version.clone(),
                     })
                     .await
+                        && ctx.recovered(&mut failing).await
                 }
                 Err(error) => {
                     buffer = None;
@@ -309,6 +326,7 @@ where
                     } else {
                         let message = format!("{} {}: {error}", ctx.source, ctx.kind);
                         tracing::debug!(%message, "watch error");
+                        failing = true;
                         ctx.send(Update::Failed { source: ctx.source.clone(), message }).await
                     }
                 }

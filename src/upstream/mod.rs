@@ -5,6 +5,7 @@
 //! everything leaves it as [`crate::model`] data.
 
 pub mod convert;
+mod limit;
 pub mod link;
 pub mod local;
 mod wire;

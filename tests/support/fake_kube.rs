@@ -8,8 +8,9 @@
 //!
 //! Beyond plain serving it can forget history (`compact`, which makes old resourceVersions
 //! and continue tokens answer 410), hide a resource type like a missing CRD (`set_served`),
-//! take the link down and up on the same port (`down`/`up`), and inject faults into the
-//! next matching requests (`fault`).
+//! take the link down and up on the same port (`down`/`up`), inject faults into the next
+//! matching requests (`fault`, `fault_lists`; `FOREVER` until `clear_faults`), and break open
+//! watch streams mid-stream (`malformed_event`, `oversized_event`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -63,6 +64,18 @@ const EXPIRED_CONTINUE_MESSAGE: &str = "The provided continue parameter is too o
 /// The body of a `Fault::Malformed` response: starts like a list, then stops being JSON.
 const MALFORMED_BODY: &[u8] =
     b"{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{\"metadata\":{\"name\":,,}} <html>\n";
+
+/// A watch event line that starts like an event, then stops being JSON.
+const MALFORMED_EVENT: &[u8] = b"{\"type\":\"MODIFIED\",\"object\":{\"metadata\":{\"name\":,,}} <html>\n";
+
+/// `times` for a fault that never wears off (until `clear_faults`).
+pub const FOREVER: usize = usize::MAX;
+
+/// How many bytes of its body a `Fault::Trickle` response sends at a time.
+const TRICKLE_BYTES: usize = 8;
+
+/// The padding of a `Fault::Enormous` response, streamed this much at a time.
+static PADDING: [u8; 64 * 1024] = [b'x'; 64 * 1024];
 
 /// Decoded query parameters of a request.
 type Query = BTreeMap<String, String>;
@@ -133,13 +146,18 @@ pub enum Fault {
     Status(u16),
     /// Accept and send headers of a 200 JSON response but never send a body (hang) until the client gives up.
     Hang,
+    /// Answer normally, but send the body `TRICKLE_BYTES` at a time, one piece per this long
+    /// (the Content-Length is the whole body's). Watch streams are not slowed.
+    Trickle(Duration),
     /// Send a 200 with Content-Length larger than the body, then close: a truncated response.
     Truncate,
     /// Send 200 with a body that is not valid JSON.
     Malformed,
-    /// Delay the answer by this long, then answer normally.
+    /// Delay the answer (status line and headers included) by this long, then answer normally.
     Slow(Duration),
-    /// A 200 JSON list response whose body is `n` bytes of padding inside a huge string field (enormous response).
+    /// A 200 JSON list response whose body is `n` bytes of padding inside a huge string field (enormous response):
+    /// the real list (when the path names a collection) plus the padding, streamed with chunked
+    /// encoding (no Content-Length), generated as it is sent.
     Enormous(usize),
 }
 
@@ -152,6 +170,8 @@ pub struct Request {
     pub path: String,
     /// Percent-decoded query parameters (the last value wins for repeated keys).
     pub query: BTreeMap<String, String>,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 impl Request {
@@ -188,7 +208,12 @@ struct Server {
 impl FakeKube {
     /// Binds 127.0.0.1:0 and serves on a background thread.
     pub fn start() -> FakeKube {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake API server");
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Binds a free port on `ip` (0.0.0.0 for every address of this network namespace).
+    pub fn start_on(ip: std::net::IpAddr) -> FakeKube {
+        let listener = std::net::TcpListener::bind((ip, 0)).expect("bind the fake API server");
         let addr = listener.local_addr().expect("fake API server address");
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -218,6 +243,11 @@ impl FakeKube {
         let server = kube.spawn_server(listener);
         *kube.lock_server() = Some(server);
         kube
+    }
+
+    /// The address the server is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// "http://127.0.0.1:PORT"
@@ -348,11 +378,63 @@ current-context: fake-kube
 
     /// Queue a fault for the next `times` requests whose path-and-query (raw, as sent) contains
     /// `path_contains` ("" matches any). Queued faults apply in the order they were added.
+    /// `FOREVER` keeps the fault until `clear_faults`.
     pub fn fault(&self, path_contains: &str, fault: Fault, times: usize) {
+        self.queue_fault(path_contains, fault, times, false);
+    }
+
+    /// Like `fault`, but only for requests that are not watches (lists, gets, discovery).
+    pub fn fault_lists(&self, path_contains: &str, fault: Fault, times: usize) {
+        self.queue_fault(path_contains, fault, times, true);
+    }
+
+    /// Drops every queued fault, `FOREVER` ones included. Requests already being answered
+    /// (a `Slow` or `Hang` in progress) carry on.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Queues a fault (see `fault`).
+    fn queue_fault(&self, path_contains: &str, fault: Fault, times: usize, lists_only: bool) {
         if times == 0 {
             return;
         }
-        self.lock().faults.push(QueuedFault { pattern: path_contains.to_owned(), fault, remaining: times });
+        self.lock().faults.push(QueuedFault { pattern: path_contains.to_owned(), fault, remaining: times, lists_only });
+    }
+
+    /// Sends a line that is not JSON to every open watch of `plural` (e.g. "services"), in the
+    /// middle of its stream, which then carries on. Returns how many watches got it.
+    pub fn malformed_event(&self, plural: &str) -> usize {
+        self.send_raw_line(plural, Bytes::from_static(MALFORMED_EVENT))
+    }
+
+    /// Sends one well-formed BOOKMARK event of more than `size` bytes (a padded annotation) to
+    /// every open watch of `plural`, whether or not it asked for bookmarks. Returns how many
+    /// watches got it.
+    pub fn oversized_event(&self, plural: &str, size: usize) -> usize {
+        let rt = TYPES
+            .iter()
+            .find(|rt| rt.plural == plural)
+            .unwrap_or_else(|| panic!("oversized_event: the fake API server has no resource type {plural:?}"));
+        let rv = self.lock().resource_version;
+        let metadata = json!({"resourceVersion": rv.to_string(), "annotations": {"padding": "x".repeat(size)}});
+        let object = json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": metadata});
+        self.send_raw_line(plural, event_line("BOOKMARK", &object))
+    }
+
+    /// Sends a raw line to every open watch of `plural`; returns how many got it.
+    fn send_raw_line(&self, plural: &str, line: Bytes) -> usize {
+        let mut state = self.lock();
+        let mut sent = 0;
+        state.watches.retain(|_, watch| {
+            if watch.rt.plural != plural {
+                return true;
+            }
+            let open = watch.tx.send(line.clone()).is_ok();
+            sent += usize::from(open);
+            open
+        });
+        sent
     }
 
     /// Sends a BOOKMARK event (current resourceVersion) to every open watch that asked for bookmarks.
@@ -460,30 +542,50 @@ async fn answer(state: Arc<Mutex<State>>, request: hyper::Request<Incoming>) -> 
     drop(request);
     let query = parse_query(&raw_query);
     let target = if raw_query.is_empty() { path.clone() } else { format!("{path}?{raw_query}") };
-    let record = Request { method: method.clone(), path: path.clone(), query: query.clone() };
+    let record =
+        Request { method: method.clone(), path: path.clone(), query: query.clone(), at: std::time::Instant::now() };
+    let mut trickle = None;
     match begin(&state, record, &target) {
         Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::Trickle(interval)) => trickle = Some(interval),
         Some(fault) => return respond_fault(&state, fault, &path, &query),
         None => {}
     }
-    if !authorized {
-        return status_response(401, "Unauthorized", "Unauthorized");
-    }
-    if method != "GET" {
-        return status_response(
+    let response = if !authorized {
+        status_response(401, "Unauthorized", "Unauthorized")
+    } else if method != "GET" {
+        status_response(
             405,
             "MethodNotAllowed",
             &format!("the server does not allow this method on the requested resource: {method}"),
-        );
+        )
+    } else {
+        route(&state, &path, &query)
+    };
+    match trickle {
+        Some(interval) => trickled(response, interval),
+        None => response,
     }
-    route(&state, &path, &query)
 }
 
 /// Records a request and takes the first queued fault that matches it.
 fn begin(state: &Mutex<State>, record: Request, target: &str) -> Option<Fault> {
+    let watch = record.is_watch();
     let mut state = lock(state);
     state.requests.push(record);
-    state.take_fault(target)
+    state.take_fault(target, watch)
+}
+
+/// The same response with a complete body sent a few bytes at a time (streams are left alone).
+fn trickled(response: Response<Payload>, interval: Duration) -> Response<Payload> {
+    let (parts, payload) = response.into_parts();
+    let payload = match payload {
+        Payload::Full(Some(data)) => {
+            Payload::Trickle { data, interval, next: Box::pin(tokio::time::sleep(Duration::ZERO)) }
+        }
+        other => other,
+    };
+    Response::from_parts(parts, payload)
 }
 
 /// Builds the response for an injected fault.
@@ -635,8 +737,10 @@ struct QueuedFault {
     pattern: String,
     /// What to do.
     fault: Fault,
-    /// How many more requests it applies to.
+    /// How many more requests it applies to (`FOREVER`: every one).
     remaining: usize,
+    /// Only requests that are not watches.
+    lists_only: bool,
 }
 
 /// An open watch stream.
@@ -796,12 +900,18 @@ impl State {
         self.events.push(event);
     }
 
-    /// Takes the first queued fault whose pattern occurs in `target`.
-    fn take_fault(&mut self, target: &str) -> Option<Fault> {
-        let index = self.faults.iter().position(|queued| target.contains(queued.pattern.as_str()))?;
+    /// Takes the first queued fault whose pattern occurs in `target` (and that applies to a
+    /// watch, when `watch`).
+    fn take_fault(&mut self, target: &str, watch: bool) -> Option<Fault> {
+        let index = self
+            .faults
+            .iter()
+            .position(|queued| !(watch && queued.lists_only) && target.contains(queued.pattern.as_str()))?;
         let queued = &mut self.faults[index];
         let fault = queued.fault;
-        queued.remaining = queued.remaining.saturating_sub(1);
+        if queued.remaining != FOREVER {
+            queued.remaining = queued.remaining.saturating_sub(1);
+        }
         if queued.remaining == 0 {
             self.faults.remove(index);
         }
@@ -1060,7 +1170,9 @@ impl State {
             }
             Fault::Malformed => respond(200, Payload::Full(Some(Bytes::from_static(MALFORMED_BODY)))),
             Fault::Enormous(size) => self.enormous(path, query, size),
-            Fault::Slow(_) => status_response(500, "InternalError", "a Slow fault reached the fault responder"),
+            Fault::Slow(_) | Fault::Trickle(_) => {
+                status_response(500, "InternalError", "a Slow or Trickle fault reached the fault responder")
+            }
         }
     }
 
@@ -1090,7 +1202,7 @@ impl State {
     }
 
     /// A valid list (the current items when the path names a collection) padded with a huge
-    /// string field of `size` bytes.
+    /// string field of `size` bytes, generated as it is streamed.
     fn enormous(&self, path: &str, query: &Query, size: usize) -> Response<Payload> {
         let rv = self.resource_version;
         let list = match resolve(path) {
@@ -1101,13 +1213,11 @@ impl State {
             }
             _ => list_value("v1".to_owned(), "List".to_owned(), rv, Vec::new(), None, None),
         };
-        let mut text = list.to_string();
-        text.pop(); // the closing brace of the list object
-        text.reserve(size + 16);
-        text.push_str(",\"padding\":\"");
-        text.extend(std::iter::repeat_n('x', size));
-        text.push_str("\"}");
-        respond(200, Payload::Full(Some(Bytes::from(text))))
+        let mut head = list.to_string();
+        head.pop(); // the closing brace of the list object
+        head.push_str(",\"padding\":\"");
+        let tail = Some(Bytes::from_static(b"\"}"));
+        respond(200, Payload::Padded { head: Some(Bytes::from(head)), padding: size, tail })
     }
 }
 
@@ -1140,6 +1250,25 @@ enum Payload {
     },
     /// Never produces anything.
     Hang,
+    /// A complete body sent `TRICKLE_BYTES` at a time, one piece per `interval` (the first at
+    /// once), framed by its whole length.
+    Trickle {
+        /// What is left to send.
+        data: Bytes,
+        /// The pause between pieces.
+        interval: Duration,
+        /// When the next piece goes.
+        next: Pin<Box<Sleep>>,
+    },
+    /// `head`, then `padding` bytes of `x`, then `tail`, streamed without a declared length.
+    Padded {
+        /// Sent first, taken on the first poll.
+        head: Option<Bytes>,
+        /// Padding bytes still to send.
+        padding: usize,
+        /// Sent last.
+        tail: Option<Bytes>,
+    },
     /// A chunked watch stream of event lines.
     Watch {
         /// Event lines; the stream ends when every sender is gone.
@@ -1165,6 +1294,28 @@ impl Body for Payload {
                 pause.as_mut().poll(cx).map(|()| None)
             }
             Payload::Hang => Poll::Pending,
+            Payload::Trickle { data, interval, next } => {
+                if data.is_empty() {
+                    return Poll::Ready(None);
+                }
+                if next.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let piece = data.split_to(TRICKLE_BYTES.min(data.len()));
+                next.as_mut().reset(tokio::time::Instant::now() + *interval);
+                Poll::Ready(Some(Ok(Frame::data(piece))))
+            }
+            Payload::Padded { head, padding, tail } => {
+                if let Some(head) = head.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(head))));
+                }
+                if *padding > 0 {
+                    let n = (*padding).min(PADDING.len());
+                    *padding -= n;
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&PADDING[..n])))));
+                }
+                Poll::Ready(tail.take().map(|tail| Ok(Frame::data(tail))))
+            }
             Payload::Watch { rx, deadline, .. } => {
                 if let Poll::Ready(line) = rx.poll_recv(cx) {
                     return Poll::Ready(line.map(|line| Ok(Frame::data(line))));
@@ -1178,12 +1329,17 @@ impl Body for Payload {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, Payload::Full(None))
+        match self {
+            Payload::Full(None) => true,
+            Payload::Trickle { data, .. } => data.is_empty(),
+            Payload::Padded { head, padding, tail } => head.is_none() && *padding == 0 && tail.is_none(),
+            _ => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Payload::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            Payload::Full(Some(data)) | Payload::Trickle { data, .. } => SizeHint::with_exact(data.len() as u64),
             Payload::Full(None) => SizeHint::with_exact(0),
             // Unknown: streamed with chunked encoding, or framed by an explicit Content-Length.
             _ => SizeHint::default(),
