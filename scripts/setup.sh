@@ -6,19 +6,10 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 APT_PACKAGES=(curl file openssl qemu-user-static iproute2 nftables python3 python3-pip systemd bind9-dnsutils chromium
-    mmdebstrap arch-test qemu-system-arm dosfstools mtools fdisk e2fsprogs)
+    mmdebstrap arch-test qemu-system-arm dosfstools mtools fdisk e2fsprogs faketime)
 PIP_PACKAGES=(ziglang==0.17.1 cargo-zigbuild==0.24.1)
 
-missing=()
-for package in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "apt: installing ${missing[*]}"
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+apt_install "${APT_PACKAGES[@]}"
 
 if ! command -v cargo >/dev/null; then
     echo "cargo is missing: install Rust with rustup first" >&2

@@ -121,22 +121,31 @@ pub struct Setup<'a> {
     pub b_extra: &'a str,
     /// Box A's own service account.
     pub a_service_account: &'a str,
+    /// Whole tables appended to both boxes' configurations.
+    pub tables: &'a str,
 }
 
 impl Default for Setup<'_> {
     fn default() -> Self {
-        Self { endpoint_sa: Some("echo"), identity_extra: "", proxy_extra: "", b_extra: "", a_service_account: "web" }
+        Self {
+            endpoint_sa: Some("echo"),
+            identity_extra: "",
+            proxy_extra: "",
+            b_extra: "",
+            a_service_account: "web",
+            tables: "",
+        }
     }
 }
 
 pub fn two_boxes_custom(backend: SocketAddr, setup: &Setup<'_>) -> Boxes {
-    let Setup { endpoint_sa, identity_extra, proxy_extra, b_extra, a_service_account } = *setup;
+    let Setup { endpoint_sa, identity_extra, proxy_extra, b_extra, a_service_account, tables } = *setup;
     let dirs = tempfile::tempdir().unwrap();
     let identity = format!("{}{identity_extra}", shared_issuer(dirs.path()));
     let b_inbound = SocketAddr::from(([127, 0, 0, 2], free_port_on_b()));
     let b = Daemon::builder()
         .config(&format!(
-            "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"echo\"\n[proxy]\n{proxy_extra}{b_extra}"
+            "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"echo\"\n[proxy]\n{proxy_extra}{b_extra}{tables}"
         ))
         .env("MESHKEEP_PROXY_INBOUND_LISTEN", b_inbound.to_string())
         .spawn();
@@ -145,7 +154,7 @@ pub fn two_boxes_custom(backend: SocketAddr, setup: &Setup<'_>) -> Boxes {
     let a_config = format!(
         "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"{a_service_account}\"\n\
          [upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n\
-         [proxy]\npeer_inbound_port = {}\n{proxy_extra}[[proxy.listeners]]\nlisten = \"{listener}\"\nservice = \"echo.shop\"\nport = 80\n",
+         [proxy]\npeer_inbound_port = {}\n{proxy_extra}[[proxy.listeners]]\nlisten = \"{listener}\"\nservice = \"echo.shop\"\nport = 80\n{tables}",
         dirs.path().join("a-manifests").display().to_string(),
         b_inbound.port()
     );
@@ -189,7 +198,12 @@ pub fn metric(daemon: &Daemon, prefix: &str) -> f64 {
 /// and reports the version and Host it saw and any `meshkeep-` header that leaked through;
 /// `/status/N` answers N, `/grpc` answers gRPC-style (body, then `grpc-status` trailers).
 pub fn http_backend() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    http_backend_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// [`http_backend`] on a chosen address (bound by the calling thread, in its network namespace).
+pub fn http_backend_on(addr: SocketAddr) -> SocketAddr {
+    let listener = std::net::TcpListener::bind(addr).unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {

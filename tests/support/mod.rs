@@ -2,8 +2,10 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
 pub mod fake_kube;
 pub mod mesh;
+pub mod netns;
 pub mod objects;
 
 use std::io::{Read, Write};
@@ -70,12 +72,14 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     config_path: Option<PathBuf>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 /// How to start a daemon.
 pub struct DaemonBuilder {
     config: Option<String>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl DaemonBuilder {
@@ -87,6 +91,13 @@ impl DaemonBuilder {
 
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Runs the daemon inside a named network namespace (see `netns::Lab`); talk to its admin
+    /// endpoint from a thread in that namespace (`Lab::within`).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -107,15 +118,29 @@ impl DaemonBuilder {
         let mut env = vec![("MESHKEEP_DNS_LISTEN".to_owned(), free_udp_and_tcp_addr().to_string())];
         env.extend(self.env);
         let dns = env.iter().rev().find(|(k, _)| k == "MESHKEEP_DNS_LISTEN").and_then(|(_, v)| v.parse().ok()).unwrap();
-        let child = launch(dir.path(), admin, config_path.as_deref(), &env);
-        Daemon { child, admin, dns, dir, config_path, env }
+        let child = launch(dir.path(), admin, config_path.as_deref(), &env, self.netns.as_deref());
+        Daemon { child, admin, dns, dir, config_path, env, netns: self.netns }
     }
 }
 
 /// Starts `meshkeep run` in `dir` with a clean environment and logs in `dir/stderr.log`.
-fn launch(dir: &Path, admin: SocketAddr, config: Option<&Path>, env: &[(String, String)]) -> Child {
+fn launch(
+    dir: &Path,
+    admin: SocketAddr,
+    config: Option<&Path>,
+    env: &[(String, String)],
+    netns: Option<&str>,
+) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log")).expect("stderr log");
-    let mut command = Command::new(binary());
+    let mut command = match netns {
+        // `ip netns exec` execs the program in place, so the child's pid is the daemon's.
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", netns]).arg(binary());
+            command
+        }
+        None => Command::new(binary()),
+    };
     command
         .current_dir(dir)
         .env_clear()
@@ -140,7 +165,7 @@ fn launch(dir: &Path, admin: SocketAddr, config: Option<&Path>, env: &[(String, 
 
 impl Daemon {
     pub fn builder() -> DaemonBuilder {
-        DaemonBuilder { config: None, env: Vec::new() }
+        DaemonBuilder { config: None, env: Vec::new(), netns: None }
     }
 
     /// Starts a daemon with the given extra configuration and waits until /ready is 200.
@@ -155,7 +180,7 @@ impl Daemon {
     pub fn respawn(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = launch(self.dir.path(), self.admin, self.config_path.as_deref(), &self.env);
+        self.child = launch(self.dir.path(), self.admin, self.config_path.as_deref(), &self.env, self.netns.as_deref());
     }
 
     /// Kills the daemon with SIGKILL and reaps it.

@@ -41,3 +41,23 @@ pub fn pod(ns: &str, name: &str, ip: &str, service_account: &str) -> Value {
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
     })
 }
+
+/// The identity issuer Secret as `linkerd install` leaves it: type kubernetes.io/tls, with
+/// base64 `data` (an API server never returns `stringData`).
+pub fn issuer_secret(certificate: &str, key: &str, ca: &str) -> Value {
+    let b64 = |text: &str| serde_json::to_value(k8s_openapi::ByteString(text.as_bytes().to_vec())).expect("base64");
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "linkerd-identity-issuer", "namespace": "linkerd"},
+        "data": {"tls.crt": b64(certificate), "tls.key": b64(key), "ca.crt": b64(ca)}
+    })
+}
+
+/// The trust-roots ConfigMap, key `ca-bundle.crt`.
+pub fn trust_roots(pem: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "linkerd-identity-trust-roots", "namespace": "linkerd"},
+        "data": {"ca-bundle.crt": pem}
+    })
+}
