@@ -192,3 +192,186 @@ fn connections_over_the_limit_are_closed_at_once() {
     let _ = require_tool("curl");
     still_serving(&boxes);
 }
+
+/// Sends one HTTP/1.1 request on `stream` and reads the response head and its (short) body.
+async fn exchange(stream: &mut tokio::net::TcpStream, path: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: echo.shop\r\n\r\n").as_bytes()).await?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        response.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&response);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if body.len() >= length {
+            return head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or(std::io::ErrorKind::InvalidData.into());
+        }
+    }
+}
+
+/// The HTTP backend in a process of its own, so that box B's many connections to it do not
+/// count against this test process's open files: this test binary, run again with only
+/// [`backend_process`] selected.
+struct BackendProcess {
+    addr: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+const BACKEND_LISTEN: &str = "MESHKEEP_TEST_BACKEND_LISTEN";
+
+impl BackendProcess {
+    fn start() -> BackendProcess {
+        let addr = support::free_addr();
+        let child = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+            .args(["backend_process", "--exact", "--nocapture", "--test-threads=1"])
+            .env(BACKEND_LISTEN, addr.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the backend process");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "the backend process did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BackendProcess { addr, child }
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves the HTTP backend until killed, when started by [`BackendProcess`]; otherwise a no-op.
+#[test]
+fn backend_process() {
+    let Ok(addr) = std::env::var(BACKEND_LISTEN) else { return };
+    raise_open_files_limit();
+    http_backend_on(addr.parse().expect("backend address"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[test]
+fn ten_thousand_concurrent_connections_are_all_served() {
+    let hard = raise_open_files_limit();
+    // This process holds the client ends; its backend connections are pooled by box B.
+    let count: usize = (hard as usize).saturating_sub(2_000).min(10_000);
+    if count < 10_000 {
+        eprintln!("NOTE: the open-files hard limit is {hard}; this drill holds {count} connections, not 10000");
+    }
+    let backend = BackendProcess::start();
+    let boxes = two_boxes_setup(backend.addr, Some("echo"), "", "max_connections = 12000\n");
+    still_serving(&boxes);
+    let before = rss_kib(&boxes.a);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let listener = boxes.listener;
+    let started = Instant::now();
+    let (connections, first_ok) = runtime.block_on(async move {
+        // Connect in waves so the listen backlog is not what is being measured; each connection
+        // asks once at once (so it is detected as HTTP) and then stays open.
+        let mut connections = Vec::with_capacity(count);
+        let mut first_ok = 0;
+        for wave in 0..count.div_ceil(500) {
+            let mut tasks = Vec::new();
+            for i in wave * 500..((wave + 1) * 500).min(count) {
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = tokio::net::TcpStream::connect(listener).await?;
+                    let status = exchange(&mut stream, &format!("/first/{i}")).await?;
+                    Ok::<_, std::io::Error>((stream, status))
+                }));
+            }
+            for task in tasks {
+                let (stream, status) = task.await.expect("task").expect("connect and first request");
+                first_ok += usize::from(status == 200);
+                connections.push(stream);
+            }
+        }
+        (connections, first_ok)
+    });
+    assert_eq!(first_ok, count, "every connection's first request succeeds");
+    let open = metric(&boxes.a, "tcp_open_connections{direction=\"outbound\"");
+    assert!(open >= count as f64, "box A holds {open} connections, expected {count}");
+    let held = rss_kib(&boxes.a);
+    // All of them at once, on connections that have been open all along.
+    let second_ok = runtime.block_on(async move {
+        let tasks: Vec<_> = connections
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut stream)| tokio::spawn(async move { exchange(&mut stream, &format!("/second/{i}")).await }))
+            .collect();
+        let mut ok = 0;
+        for task in tasks {
+            ok += usize::from(matches!(task.await, Ok(Ok(200))));
+        }
+        ok
+    });
+    let after = rss_kib(&boxes.a);
+    eprintln!(
+        "box A: {count} concurrent connections, 2 requests each in {:?}; RSS {before} KiB idle, {held} KiB holding them, {after} KiB after the burst",
+        started.elapsed()
+    );
+    assert_eq!(second_ok, count, "every connection's second request succeeds");
+    let per_connection = held.saturating_sub(before) * 1024 / count as u64;
+    assert!(per_connection < 48 * 1024, "{per_connection} bytes per open keep-alive connection");
+    assert!(after < held + 64 * 1024, "the burst grew box A from {held} KiB to {after} KiB");
+    boxes.a.wait_for("all closed", Duration::from_secs(60), |d| {
+        metric(d, "tcp_open_connections{direction=\"outbound\"") == 0.0
+    });
+    still_serving(&boxes);
+}
+
+#[test]
+fn a_crowd_of_slowloris_clients_is_cut_with_bounded_memory() {
+    raise_open_files_limit();
+    let boxes = two_boxes_setup(http_backend(), Some("echo"), "", "header_read_timeout = \"2s\"\n");
+    let before = rss_kib(&boxes.a);
+    const CROWD: usize = 2_000;
+    let mut crowd: Vec<TcpStream> = (0..CROWD)
+        .map(|_| {
+            let mut stream = TcpStream::connect(boxes.listener).expect("connect");
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: echo.shop\r\n").expect("start a request");
+            stream
+        })
+        .collect();
+    // Each keeps adding a header line and never finishes; everyone else is still served.
+    let started = Instant::now();
+    let mut peak = before;
+    let mut alive = CROWD;
+    for round in 0..20 {
+        alive = 0;
+        for stream in &mut crowd {
+            if stream.write_all(format!("x-slow-{round}: y\r\n").as_bytes()).is_ok() {
+                alive += 1;
+            }
+        }
+        peak = peak.max(rss_kib(&boxes.a));
+        if round % 5 == 0 {
+            still_serving(&boxes);
+        }
+        if alive == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let closed = crowd.iter_mut().map(|s| closed_within(s, Duration::from_secs(5))).filter(|&closed| closed).count();
+    eprintln!(
+        "box A: {CROWD} slowloris clients, {closed} cut within {:?}; RSS {before} KiB before, peak {peak} KiB",
+        started.elapsed()
+    );
+    assert_eq!(closed, CROWD, "every slowloris client is cut ({alive} still writing at the end)");
+    assert!(peak < before + 128 * 1024, "box A grew from {before} KiB to {peak} KiB");
+    still_serving(&boxes);
+}
