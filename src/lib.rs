@@ -12,6 +12,8 @@ pub mod config;
 pub mod discovery;
 pub mod dns;
 pub mod drain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod logging;
 pub mod metrics;

@@ -48,8 +48,9 @@ pub struct Server {
     metrics: DnsMetrics,
 }
 
+/// How a query arrived: UDP answers are truncated to what the client takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub(crate) enum Transport {
     Udp,
     Tcp,
 }
@@ -70,7 +71,7 @@ impl Server {
     }
 
     /// The answer to one message, or `None` when there is nothing to answer to.
-    async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    pub(crate) async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let started = Instant::now();
         let message = match Message::from_vec(query) {
             Ok(message) => message,

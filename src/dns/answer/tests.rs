@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::model::{self, Endpoint, EndpointPort, Kind, Object, ObjectRef, ServicePort, SourceId, TargetPort};
+use crate::model::{Kind, Object, SourceId};
 use crate::store::SourceView;
 
 fn zone() -> Zone {
@@ -17,57 +17,16 @@ fn zone() -> Zone {
     }
 }
 
+/// The DNS fuzz target's service and slice builders, with addresses as text.
 fn service(name: &str, cluster_ips: &[&str]) -> Object {
-    Object::Service(model::Service {
-        meta: ObjectRef::new("shop", name),
-        cluster_ips: cluster_ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-        headless: cluster_ips.is_empty(),
-        ports: vec![
-            ServicePort {
-                name: Some("http".into()),
-                port: 80,
-                target_port: TargetPort::Name("http".into()),
-                protocol: Protocol::Tcp,
-                app_protocol: None,
-            },
-            ServicePort {
-                name: Some("dns".into()),
-                port: 53,
-                target_port: TargetPort::Number(5353),
-                protocol: Protocol::Udp,
-                app_protocol: None,
-            },
-        ],
-        external_name: None,
-        topology_aware: false,
-        opaque_ports: vec![],
-    })
+    crate::fuzzing::dns_service(name, cluster_ips.iter().map(|ip| ip.parse().unwrap()).collect())
 }
 
 /// A slice for `service` with endpoints (address, hostname, ready).
 fn slice(service: &str, endpoints: &[(&str, Option<&str>, bool)]) -> Object {
-    Object::EndpointSlice(model::EndpointSlice {
-        meta: ObjectRef::new("shop", format!("{service}-1")),
-        service: service.into(),
-        ports: vec![
-            EndpointPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp, app_protocol: None },
-            EndpointPort { name: Some("dns".into()), port: 5353, protocol: Protocol::Udp, app_protocol: None },
-        ],
-        endpoints: endpoints
-            .iter()
-            .map(|(ip, hostname, ready)| Endpoint {
-                addresses: vec![ip.parse().unwrap()],
-                ready: *ready,
-                serving: *ready,
-                terminating: false,
-                hostname: hostname.map(str::to_owned),
-                node_name: None,
-                zone: None,
-                hints_for_zones: vec![],
-                pod: None,
-            })
-            .collect(),
-    })
+    let endpoints: Vec<_> =
+        endpoints.iter().map(|(ip, hostname, ready)| (ip.parse().unwrap(), *hostname, *ready)).collect();
+    crate::fuzzing::dns_slice(service, &endpoints)
 }
 
 /// A snapshot with: web (ClusterIP v4+v6, one ready endpoint), db (headless: db-0 ready,
