@@ -165,7 +165,9 @@ fn main() {
     let mut runs = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meshkeep"))
+        // MESHKEEP_BINARY measures another build, e.g. the static musl release the packages carry.
+        let binary = std::env::var("MESHKEEP_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshkeep").to_owned());
+        let mut child = Command::new(binary)
             .args(["--config", config.to_str().expect("utf-8 path"), "run"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -25,7 +25,9 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The meshkeep binary under test.
 pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_meshkeep")
+    // MESHKEEP_BINARY runs another build, e.g. the static musl release the packages carry.
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| std::env::var("MESHKEEP_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshkeep").to_owned()))
 }
 
 /// Ports this test process has handed out: never twice, so daemons started side by side (or
