@@ -6,6 +6,7 @@ One panel per protocol and rate; one line per proxy. The y axis is logarithmic, 
 latencies at or below zero (within the noise of the direct path) are drawn at 0.01 ms.
 """
 import json
+import os
 import sys
 
 import matplotlib
@@ -48,6 +49,7 @@ def main(results_path: str, out_path: str) -> None:
         fontsize=10,
     )
     fig.tight_layout()
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     fig.savefig(out_path, dpi=110)
     print(f"plot: {out_path}")
 
