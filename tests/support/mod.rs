@@ -27,7 +27,8 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn binary() -> &'static str {
     // MESHKEEP_BINARY runs another build, e.g. the static musl release the packages carry.
     static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BINARY.get_or_init(|| std::env::var("MESHKEEP_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshkeep").to_owned()))
+    BINARY
+        .get_or_init(|| std::env::var("MESHKEEP_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshkeep").to_owned()))
 }
 
 /// Ports this test process has handed out: never twice, so daemons started side by side (or
