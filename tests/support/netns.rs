@@ -77,7 +77,9 @@ impl Lab {
     pub fn create(count: u8) -> Lab {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare the network namespace");
         run("ip", &["link", "set", "lo", "up"]);
-        let tag = std::process::id();
+        // Unique across the labs of this process (tests run in parallel) and across processes.
+        static LABS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let tag = format!("{}-{}", std::process::id(), LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         run("ip", &["link", "add", "lan", "type", "bridge"]);
         run("ip", &["link", "set", "lan", "up"]);
         let mut lab = Lab { hosts: Vec::new() };
