@@ -388,6 +388,20 @@ pub struct HttpRouteRule {
     pub request_timeout_ms: Option<u64>,
     /// Per-try timeout in milliseconds (`timeouts.backendRequest`).
     pub backend_request_timeout_ms: Option<u64>,
+    /// The rule's `retry`: its requests are retryable whatever their method.
+    pub retry: Option<RouteRetry>,
+}
+
+/// Gateway API `HTTPRouteRule.retry` (GEP-1731, standard channel since v1.7).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRetry {
+    /// Statuses that are retried; empty means every 5xx. Connection errors and per-try
+    /// timeouts are always retried.
+    pub codes: Vec<u16>,
+    /// Retries on top of the first try; `None` keeps the service's `max_retries`.
+    pub attempts: Option<u32>,
+    /// The least time between tries, in milliseconds.
+    pub backoff_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Traffic management end to end with real backends on loopback addresses: the balancer
 //! avoids a slow endpoint, ejects a failing one and lets it back, retries hide intermittent
-//! failures for GETs and not for POSTs, the budget caps retries in an outage, a 90/10 split
+//! failures for GETs and not for POSTs, a route marked retryable retries POSTs on its codes,
+//! the budget caps retries in an outage, a 90/10 split
 //! holds, topology prefers the box's zone, timeouts answer 504; and authorization between two
 //! boxes by TrafficTarget, changed live.
 
@@ -251,6 +252,38 @@ fn retries_hide_intermittent_failures_for_gets_but_not_posts() {
         metrics.contains("meshkeep_retries_total{authority=\"web.shop.svc.cluster.local:80\",result=\"retried\"}"),
         "{metrics}"
     );
+}
+
+#[test]
+fn a_route_marked_retryable_retries_posts_on_its_codes_after_its_backoff() {
+    let port = common_port(&[[127, 0, 0, 2]]);
+    let backend = Backend::start([127, 0, 0, 2], port, Mode { fail_every: Some(3), ..Mode::default() });
+    let route = |codes: &str| {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web-retry, namespace: shop}}\nspec:\n  parentRefs: [{{group: core, kind: Service, name: web, port: 80}}]\n  rules:\n    - matches: [{{path: {{type: PathPrefix, value: /work}}}}]\n      backendRefs: [{{name: web, port: 80}}]\n      retry: {{codes: [{codes}], attempts: 2, backoff: 50ms}}\n"
+        )
+    };
+    let service = service_yaml("web", "10.96.1.1", port, &[(2, "z", true)]);
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, listener) =
+        daemon(dir.path(), &format!("{service}{}", route("503")), "[traffic]\nfailure_accrual = 100\n");
+    // 500 is not among the route's codes: neither POSTs nor GETs are retried.
+    for method in ["POST", "GET"] {
+        let failed = requests(listener, method, 30).iter().filter(|s| **s == 500).count();
+        assert!((8..=12).contains(&failed), "{method}: {failed} of 30 failed");
+    }
+    assert_eq!(backend.hits(), 60);
+
+    let generation = daemon.status()["snapshot"]["generation"].as_u64().unwrap();
+    std::fs::write(dir.path().join("m/site.yaml"), format!("{service}{}", route("500, 503"))).unwrap();
+    daemon.wait_for("route changed", Duration::from_secs(10), |d| {
+        d.status()["snapshot"]["generation"].as_u64().unwrap() > generation
+    });
+    let started = Instant::now();
+    let posts = requests(listener, "POST", 60);
+    assert!(posts.iter().all(|s| *s == 200), "every POST succeeded: {posts:?}");
+    assert!(backend.hits() >= 60 + 60 + 19, "about 20 retries reached the backend: {}", backend.hits());
+    assert!(started.elapsed() >= Duration::from_millis(19 * 50), "each retry waited the route's 50 ms backoff");
 }
 
 #[test]

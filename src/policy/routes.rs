@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{RequestInfo, full_match, objects, smi_match};
-use crate::model::{HttpRoute, HttpRouteMatch, Kind, Object, PathMatch, TrafficSplit};
+use crate::model::{HttpRoute, HttpRouteMatch, Kind, Object, PathMatch, RouteRetry, TrafficSplit};
 use crate::store::Snapshot;
 
 /// A weighted backend service.
@@ -32,11 +32,13 @@ pub struct Choice {
     pub request_timeout: Option<Duration>,
     /// `timeouts.backendRequest` of the rule (each try).
     pub backend_timeout: Option<Duration>,
+    /// `retry` of the rule: it marks the requests retryable.
+    pub retry: Option<RouteRetry>,
 }
 
 impl Choice {
     fn to(by: String, backends: Vec<Backend>) -> Self {
-        Self { by, backends, refusal: None, request_timeout: None, backend_timeout: None }
+        Self { by, backends, refusal: None, request_timeout: None, backend_timeout: None, retry: None }
     }
 
     /// The backend for a uniformly random `roll` in `0..u32::MAX` (weights need not sum to
@@ -180,6 +182,7 @@ fn from_http_routes(
     };
     choice.request_timeout = rule.request_timeout_ms.map(Duration::from_millis);
     choice.backend_timeout = rule.backend_request_timeout_ms.map(Duration::from_millis);
+    choice.retry.clone_from(&rule.retry);
     choice
 }
 

@@ -8,7 +8,8 @@ use super::*;
 use crate::discovery::Settings;
 use crate::model::{
     BackendRef, HeaderMatch, HttpMatch, HttpRoute, HttpRouteGroup, HttpRouteMatch, HttpRouteRule, ObjectRef, ParentRef,
-    PathMatch, RouteRef, ServiceAccountRef, SourceId, TcpRoute, TrafficSplit, TrafficTarget, WeightedBackend,
+    PathMatch, RouteRef, RouteRetry, ServiceAccountRef, SourceId, TcpRoute, TrafficSplit, TrafficTarget,
+    WeightedBackend,
 };
 use crate::store::SourceView;
 
@@ -57,6 +58,7 @@ fn rule(matches: Vec<HttpRouteMatch>, backends: &[(&str, u32)]) -> HttpRouteRule
             .collect(),
         request_timeout_ms: Some(1500),
         backend_request_timeout_ms: None,
+        retry: None,
     }
 }
 
@@ -112,6 +114,26 @@ fn http_route_rules_follow_gateway_precedence() {
         let choice = choose(&s, method, p, headers);
         assert_eq!(names(&choice), expected, "{method} {p}");
         assert_eq!(choice.request_timeout, Some(std::time::Duration::from_millis(1500)));
+    }
+}
+
+#[test]
+fn a_rule_marked_retryable_carries_its_retry_to_the_choice() {
+    let retry = RouteRetry { codes: vec![503], attempts: Some(3), backoff_ms: Some(20) };
+    let s = snapshot(vec![route(
+        "api",
+        vec![
+            rule(vec![path(PathMatch::Prefix("/".into()))], &[("api", 1)]),
+            HttpRouteRule {
+                retry: Some(retry.clone()),
+                ..rule(vec![path(PathMatch::Prefix("/orders".into()))], &[("api-v2", 1)])
+            },
+        ],
+    )]);
+    let none = HeaderMap::new();
+    let cases = [("POST", "/orders/1", Some(retry)), ("POST", "/", None), ("GET", "/ordersx", None)];
+    for (method, p, expected) in cases {
+        assert_eq!(choose(&s, method, p, &none).retry, expected, "{method} {p}");
     }
 }
 
@@ -187,6 +209,7 @@ fn weighted_picks_are_proportional() {
         refusal: None,
         request_timeout: None,
         backend_timeout: None,
+        retry: None,
     };
     let picks: Vec<&str> =
         (0..1000u32).map(|i| choice.pick(i.wrapping_mul(4_294_967)).unwrap().service.as_str()).collect();

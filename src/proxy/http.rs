@@ -35,8 +35,9 @@ use super::detect::Protocol;
 use super::head::{HeadClock, Watched};
 use super::tcp::{Activity, Counted};
 use super::transport::Header;
-use super::{Error, Proxy, connect};
+use super::{Error, Proxy, ServicePolicy, connect};
 use crate::drain;
+use crate::model::RouteRetry;
 use crate::policy::RequestInfo;
 
 /// Request header naming the port on the peer a request is for.
@@ -256,6 +257,8 @@ pub struct Routed {
     pub timeout: Option<Duration>,
     /// The route's timeout for each try, if it sets one.
     pub try_timeout: Option<Duration>,
+    /// The route's retry policy, if it marks its requests retryable.
+    pub retry: Option<RouteRetry>,
     /// The service asked for (`name.ns.svc.<domain>:port`), before any split: the metrics label.
     pub authority: String,
 }
@@ -305,6 +308,41 @@ where
 /// Methods a retry cannot harm (RFC 9110 idempotent methods).
 fn idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// When a request may be tried again: the route's `retry` when it has one (any method, its
+/// statuses, attempts and backoff), else the service's policy (idempotent methods, 5xx).
+struct RetryPlan {
+    /// Retries on top of the first try; 0 when the request is not retryable.
+    max: u32,
+    /// Statuses worth another try; empty means every 5xx.
+    codes: Vec<u16>,
+    backoff: Duration,
+}
+
+impl RetryPlan {
+    fn new(policy: &ServicePolicy, route: Option<&RouteRetry>, method: &Method) -> Self {
+        match route {
+            Some(retry) => Self {
+                max: retry.attempts.unwrap_or(policy.max_retries),
+                codes: retry.codes.clone(),
+                backoff: Duration::from_millis(retry.backoff_ms.unwrap_or(0)),
+            },
+            None => {
+                let wanted = policy.retries && (policy.retry_all_methods || idempotent(method));
+                Self { max: if wanted { policy.max_retries } else { 0 }, codes: Vec::new(), backoff: Duration::ZERO }
+            }
+        }
+    }
+
+    /// Whether this outcome of a try is worth another: connection errors and timeouts always.
+    fn retries(&self, result: &Result<Response<Incoming>, (StatusCode, String)>) -> bool {
+        match result {
+            Err(_) => true,
+            Ok(response) if self.codes.is_empty() => response.status().is_server_error(),
+            Ok(response) => self.codes.contains(&response.status().as_u16()),
+        }
+    }
 }
 
 /// A request body: kept in memory when it may be replayed, else streamed once.
@@ -364,10 +402,10 @@ where
         .or_else(|| parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| labels.authority.clone());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let wants_retries = policy.retries && (policy.retry_all_methods || idempotent(&parts.method));
+    let retry = RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method);
     let mut body = match hyper::body::Body::size_hint(&body).exact() {
         // Kept for replay: a client that trickles its body is held to the response deadline.
-        Some(size) if wants_retries && size <= policy.retry_body_limit as u64 => {
+        Some(size) if retry.max > 0 && size <= policy.retry_body_limit as u64 => {
             match tokio::time::timeout_at(deadline, body.collect()).await {
                 Ok(Ok(collected)) => RequestBody::Replayable(collected.to_bytes()),
                 Ok(Err(e)) => return empty_with(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}")),
@@ -417,10 +455,12 @@ where
         if let Some(in_flight) = routed.in_flight.take() {
             in_flight.finish(if failed { Outcome::Failure } else { Outcome::Success });
         }
-        // A retry happens before anything of the response reaches the client.
-        let time_left = deadline > tokio::time::Instant::now();
-        if failed && body.replayable() && retries < policy.max_retries && time_left {
+        // A retry happens before anything of the response reaches the client, and not sooner
+        // than the route's backoff.
+        let time_left = deadline > tokio::time::Instant::now() + retry.backoff;
+        if retry.retries(&result) && body.replayable() && retries < retry.max && time_left {
             if proxy.budget.withdraw(&labels.authority) {
+                tokio::time::sleep(retry.backoff).await;
                 if let Ok(next) = route(proxy, &info) {
                     retries += 1;
                     proxy.http.retried(&labels.authority, "retried");

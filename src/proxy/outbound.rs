@@ -168,7 +168,7 @@ fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) ->
         Resolution::Passthrough(addr) => {
             let route = Route::Plain { addr, authority: "unknown".into() };
             let authority = "unknown".to_owned();
-            return Ok(Routed { route, in_flight: None, timeout: None, try_timeout: None, authority });
+            return Ok(Routed { route, in_flight: None, timeout: None, try_timeout: None, retry: None, authority });
         }
     };
     let authority = format!("{}:{port}", resolved.fqdn);
@@ -202,7 +202,14 @@ fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) ->
         Plan::Plain { addr, authority } => Route::Plain { addr, authority },
         Plan::Passthrough { addr } => Route::Plain { addr, authority: "unknown".into() },
     };
-    Ok(Routed { route, in_flight, timeout: choice.request_timeout, try_timeout: choice.backend_timeout, authority })
+    Ok(Routed {
+        route,
+        in_flight,
+        timeout: choice.request_timeout,
+        try_timeout: choice.backend_timeout,
+        retry: choice.retry,
+        authority,
+    })
 }
 
 /// Picks a ready endpoint (topology first, then the balancer) and the port on it that

@@ -37,18 +37,34 @@ pub enum ExportError {
     Decode(String),
 }
 
+/// The payload; `O` is the object encoding of the file's schema.
 #[derive(Serialize, Deserialize)]
-struct Payload {
+struct Payload<O> {
     created_at: u64,
-    sources: Vec<ExportedSource>,
+    sources: Vec<ExportedSource<O>>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct ExportedSource {
+struct ExportedSource<O> {
     source: SourceId,
     /// JSON, like the store keeps it, so metadata fields can be added.
     meta_json: String,
-    objects: Vec<Object>,
+    objects: Vec<O>,
+}
+
+impl<O: Into<Object>> Payload<O> {
+    fn upgrade(self) -> Payload<Object> {
+        let sources = self
+            .sources
+            .into_iter()
+            .map(|s| ExportedSource {
+                source: s.source,
+                meta_json: s.meta_json,
+                objects: s.objects.into_iter().map(Into::into).collect(),
+            })
+            .collect();
+        Payload { created_at: self.created_at, sources }
+    }
 }
 
 /// A decoded cache file.
@@ -68,7 +84,7 @@ pub fn encode(snapshot: &Snapshot, created_at: u64) -> Result<Vec<u8>, String> {
             Ok(ExportedSource { source: id.clone(), meta_json, objects })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let payload = postcard::to_allocvec(&Payload { created_at, sources }).map_err(|e| e.to_string())?;
+    let payload = postcard::to_allocvec(&Payload::<Object> { created_at, sources }).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + DIGEST_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -103,7 +119,11 @@ pub fn decode(bytes: &[u8]) -> Result<Imported, ExportError> {
     if u64::from_le_bytes(len_bytes) != payload.len() as u64 {
         return Err(ExportError::Damaged);
     }
-    let payload: Payload = postcard::from_bytes(payload).map_err(|e| ExportError::Decode(e.to_string()))?;
+    let payload: Payload<Object> = match schema {
+        1 => postcard::from_bytes::<Payload<super::legacy::ObjectV1>>(payload).map(Payload::upgrade),
+        _ => postcard::from_bytes(payload),
+    }
+    .map_err(|e| ExportError::Decode(e.to_string()))?;
     let mut sources = BTreeMap::new();
     for exported in payload.sources {
         let meta: SyncMeta =

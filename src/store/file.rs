@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::Error;
 use super::snapshot::{Objects, SourceView, SyncMeta};
+use super::{Error, legacy};
 use crate::model::{Kind, Object, ObjectRef, SourceId};
 
-/// The schema this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes; older ones are migrated when opened (see `legacy`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
@@ -132,15 +132,37 @@ impl StoreFile {
                 Some(found) if found > SCHEMA_VERSION => {
                     return Err(Error::NewerSchema { path: self.path.clone(), found, supported: SCHEMA_VERSION });
                 }
-                Some(found) => {
-                    // No older schema has been released; a future one adds its migration here.
-                    return Err(self.corrupt(format!("unknown old schema version {found}")));
+                Some(found @ 1) => {
+                    // In the same transaction: a crash leaves the old schema whole.
+                    self.migrate(&txn, found)?;
+                    meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_le_bytes().as_slice()).map_err(|e| self.corrupt(e))?;
+                    tracing::info!(path = %self.path.display(), from = found, to = SCHEMA_VERSION, "store migrated");
                 }
+                Some(found) => return Err(self.corrupt(format!("unknown old schema version {found}"))),
             }
             txn.open_table(SOURCES).map_err(|e| self.corrupt(e))?;
             txn.open_table(OBJECTS).map_err(|e| self.corrupt(e))?;
         }
         txn.commit().map_err(|e| self.corrupt(e))?;
+        Ok(())
+    }
+
+    /// Rewrites every object written under schema `from` in the current encoding.
+    fn migrate(&self, txn: &redb::WriteTransaction, from: u32) -> Result<(), Error> {
+        let mut table = txn.open_table(OBJECTS).map_err(|e| self.corrupt(e))?;
+        let mut rewritten = Vec::new();
+        for entry in table.iter().map_err(|e| self.corrupt(e))? {
+            let (key, value) = entry.map_err(|e| self.corrupt(e))?;
+            let object = legacy::decode(from, value.value()).map_err(|e| {
+                let what =
+                    decode_key(key.value()).map_or_else(|| "an object".to_owned(), |(s, k, o)| format!("{s} {k} {o}"));
+                self.corrupt(format!("{what} (schema {from}): {e}"))
+            })?;
+            rewritten.push((key.value().to_vec(), encode_object(&object)?));
+        }
+        for (key, value) in rewritten {
+            table.insert(key.as_slice(), value.as_slice()).map_err(|e| self.corrupt(e))?;
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 
 pub mod export;
 mod file;
+mod legacy;
 pub mod metrics;
 mod snapshot;
 

@@ -388,6 +388,27 @@ pub fn http_route(route: &wire::HttpRoute) -> Result<model::HttpRoute, Invalid> 
                     .transpose()
             };
             let timeouts = rule.timeouts.as_ref();
+            let retry = rule
+                .retry
+                .as_ref()
+                .map(|r| -> Result<model::RouteRetry, Invalid> {
+                    let codes = r
+                        .codes
+                        .iter()
+                        .map(|&code| match u16::try_from(code) {
+                            Ok(code @ 400..=599) => Ok(code),
+                            _ => Err(ctx.invalid(format!("retry.codes: {code} is not a status from 400 to 599"))),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let attempts = r
+                        .attempts
+                        .map(|n| {
+                            u32::try_from(n).map_err(|_| ctx.invalid(format!("retry.attempts: {n} is not a count")))
+                        })
+                        .transpose()?;
+                    Ok(model::RouteRetry { codes, attempts, backoff_ms: timeout("retry.backoff", &r.backoff)? })
+                })
+                .transpose()?;
             Ok(model::HttpRouteRule {
                 matches,
                 backends,
@@ -396,6 +417,7 @@ pub fn http_route(route: &wire::HttpRoute) -> Result<model::HttpRoute, Invalid> 
                     "timeouts.backendRequest",
                     &timeouts.and_then(|t| t.backend_request.clone()),
                 )?,
+                retry,
             })
         })
         .collect::<Result<Vec<_>, Invalid>>()?;
@@ -557,6 +579,33 @@ mod tests {
         assert_eq!(rule.backends[1].weight, 1, "weight defaults to 1");
         assert_eq!(rule.request_timeout_ms, Some(90_000));
         assert_eq!(rule.backend_request_timeout_ms, Some(500));
+    }
+
+    #[test]
+    fn http_route_retries_follow_gep_1731() {
+        let with_retry = |retry: serde_json::Value| -> wire::HttpRoute {
+            from_json(serde_json::json!({
+                "metadata": {"name": "r", "namespace": "shop"},
+                "spec": {"rules": [{"backendRefs": [{"name": "api", "port": 80}], "retry": retry}]}
+            }))
+        };
+        let route = http_route(&with_retry(serde_json::json!({"codes": [500, 503], "attempts": 3, "backoff": "20ms"})))
+            .expect("converts");
+        assert_eq!(
+            route.rules[0].retry,
+            Some(model::RouteRetry { codes: vec![500, 503], attempts: Some(3), backoff_ms: Some(20) })
+        );
+        let bare = http_route(&with_retry(serde_json::json!({}))).expect("converts");
+        assert_eq!(bare.rules[0].retry, Some(model::RouteRetry::default()), "an empty retry still marks the rule");
+        for bad in [
+            serde_json::json!({"codes": [200]}),
+            serde_json::json!({"codes": [600]}),
+            serde_json::json!({"attempts": -1}),
+            serde_json::json!({"backoff": "soon"}),
+        ] {
+            let err = http_route(&with_retry(bad.clone())).expect_err("refused");
+            assert!(err.to_string().contains("retry."), "{bad}: {err}");
+        }
     }
 
     #[test]

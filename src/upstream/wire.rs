@@ -230,6 +230,15 @@ pub struct GatewayRule {
     #[serde(default)]
     pub backend_refs: Vec<GatewayBackendRef>,
     pub timeouts: Option<GatewayTimeouts>,
+    pub retry: Option<GatewayRetry>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GatewayRetry {
+    #[serde(default)]
+    pub codes: Vec<i64>,
+    pub attempts: Option<i64>,
+    pub backoff: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
