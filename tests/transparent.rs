@@ -1,6 +1,7 @@
 //! Transparent mode in a network namespace this test creates: with `meshkeep redirect install`
 //! in force, a plain `curl http://<ClusterIP>` from an ordinary user reaches the backend through
-//! box A's outbound, mTLS, and box B's inbound. Needs root (namespaces, nftables).
+//! box A's outbound, mTLS, and box B's inbound, and so does a request to an unknown address whose
+//! Host header names the service. Needs root (namespaces, nftables).
 
 mod support;
 
@@ -141,32 +142,24 @@ fn curl_to_a_cluster_ip_goes_through_both_proxies() {
     assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
 
     // An ordinary user's curl, unaware of the mesh.
-    let curl = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "http://10.96.0.50/marker.txt",
-        ])
-        .output()
-        .expect("curl");
-    let body = String::from_utf8_lossy(&curl.stdout);
-    assert!(
-        body.contains("served by the backend behind box B"),
-        "curl: {body}{}\nA:\n{}\nB:\n{}",
-        String::from_utf8_lossy(&curl.stderr),
-        a.log(),
-        b.log()
-    );
+    let curl = |extra: &[&str]| {
+        let curl = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-sS", "--max-time", "20"])
+            .args(extra)
+            .output()
+            .expect("curl");
+        format!("{}{}", String::from_utf8_lossy(&curl.stdout), String::from_utf8_lossy(&curl.stderr))
+    };
+    let by_ip = curl(&["http://10.96.0.50/marker.txt"]);
+    assert!(by_ip.contains("served by the backend behind box B"), "curl: {by_ip}\nA:\n{}\nB:\n{}", a.log(), b.log());
+    // An address the mesh does not know, with a Host header naming a mesh service: the name wins.
+    let by_host = curl(&["-H", "Host: web.shop", "http://10.96.0.99/marker.txt"]);
+    assert!(by_host.contains("served by the backend behind box B"), "curl: {by_host}\nA:\n{}", a.log());
 
     let (_, metrics) = a.get("/metrics");
     assert!(
         metrics.lines().any(|l| l.starts_with(
-            "request_total{direction=\"outbound\",authority=\"web.shop.svc.cluster.local:80\",tls=\"true\"} 1"
+            "request_total{direction=\"outbound\",authority=\"web.shop.svc.cluster.local:80\",tls=\"true\"} 2"
         )),
         "{metrics}"
     );

@@ -21,6 +21,19 @@ pub struct RequestInfo<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// The request's `:authority`, else its Host header.
+    pub host: Option<&'a str>,
+}
+
+impl<'a> RequestInfo<'a> {
+    pub fn of(parts: &'a http::request::Parts) -> Self {
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+        Self { method: parts.method.as_str(), path: parts.uri.path(), headers: &parts.headers, host }
+    }
 }
 
 /// Every object of `kind` in every source, in a stable order (source, namespace, name).

@@ -26,7 +26,7 @@ fn snapshot(objects: Vec<Object>) -> Snapshot {
 }
 
 fn request<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestInfo<'a> {
-    RequestInfo { method, path, headers }
+    RequestInfo { method, path, headers, host: None }
 }
 
 fn route(name: &str, rules: Vec<HttpRouteRule>) -> Object {

@@ -383,7 +383,7 @@ where
 {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let info = RequestInfo { method: parts.method.as_str(), path: parts.uri.path(), headers: &parts.headers };
+    let info = RequestInfo::of(&parts);
     let mut routed = match route(proxy, &info) {
         Ok(routed) => routed,
         Err(e) => return route_error(proxy, &e),
@@ -629,8 +629,12 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let authority = request.uri().authority().map(ToString::to_string).unwrap_or_default();
     let labels = RequestLabels { direction: "inbound", authority: label.to_owned(), tls: "true" };
     proxy.http.requests.get_or_create(&labels).inc();
-    let info =
-        RequestInfo { method: request.method().as_str(), path: request.uri().path(), headers: request.headers() };
+    let info = RequestInfo {
+        method: request.method().as_str(),
+        path: request.uri().path(),
+        headers: request.headers(),
+        host: request.uri().authority().map(|a| a.as_str()),
+    };
     let verdict = super::inbound::authorize(proxy, port, peer.identity.as_deref(), Some(&info));
     let authz_labels = super::metrics::AuthzLabels { target_port: port, authz: verdict.by.clone() };
     if !verdict.allowed {

@@ -20,6 +20,7 @@ use crate::drain;
 use crate::model::TargetPort;
 use crate::policy::RequestInfo;
 use crate::policy::routes;
+use crate::store::Snapshot;
 
 /// What an outbound listener serves.
 #[derive(Debug, Clone)]
@@ -125,7 +126,8 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
             };
             let open = OpenConnection::new(&proxy.metrics, labels);
             let client = Counted::new(client, open.read_counter(), open.write_counter());
-            let route = move |proxy: &Proxy, request: &RequestInfo<'_>| route(proxy, &destination, request);
+            let resolver = RequestResolver::new(destination);
+            let route = move |proxy: &Proxy, request: &RequestInfo<'_>| route(proxy, &resolver, request);
             super::http::serve_outbound(Arc::clone(&proxy), client, protocol, route, drain).await
         }
         Protocol::Opaque | Protocol::Tls => {
@@ -146,13 +148,17 @@ enum Resolution {
 
 fn resolve(proxy: &Proxy, destination: &Destination) -> Result<Resolution, Error> {
     let snapshot = proxy.snapshots.borrow().clone();
+    resolve_in(proxy, &snapshot, destination)
+}
+
+fn resolve_in(proxy: &Proxy, snapshot: &Snapshot, destination: &Destination) -> Result<Resolution, Error> {
     match destination {
-        Destination::Addr(addr) => Ok(match discovery::resolve_addr(&snapshot, &proxy.settings, *addr) {
+        Destination::Addr(addr) => Ok(match discovery::resolve_addr(snapshot, &proxy.settings, *addr) {
             Lookup::Found(resolved) => Resolution::Service { resolved, port: addr.port() },
             // Not a mesh destination (or not known yet): go where the client was going.
             Lookup::NotFound | Lookup::Unknown { .. } => Resolution::Passthrough(*addr),
         }),
-        Destination::Name { name, port } => match discovery::resolve_name(&snapshot, &proxy.settings, name) {
+        Destination::Name { name, port } => match discovery::resolve_name(snapshot, &proxy.settings, name) {
             Lookup::Found(resolved) => Ok(Resolution::Service { resolved, port: *port }),
             Lookup::NotFound => Err(Error::Unresolved { name: name.clone(), reason: "no such service".into() }),
             Lookup::Unknown { reason } => Err(Error::Unresolved { name: name.clone(), reason }),
@@ -160,18 +166,94 @@ fn resolve(proxy: &Proxy, destination: &Destination) -> Result<Resolution, Error
     }
 }
 
+/// Where the HTTP requests of one connection go. A request whose Host (or `:authority`) names
+/// a mesh service goes to that service; otherwise to the connection's destination (its
+/// explicit listener's service, or its original address). The last answer is reused while the
+/// snapshot and the host stay the same: a keep-alive connection usually talks to one service.
+struct RequestResolver {
+    destination: Destination,
+    last: std::sync::Mutex<Option<Remembered>>,
+}
+
+struct Remembered {
+    /// Weak, so an idle connection does not keep an old snapshot alive; never dangling, so no
+    /// later snapshot can take its address.
+    snapshot: std::sync::Weak<Snapshot>,
+    host: Option<String>,
+    resolution: Arc<Resolution>,
+    /// `name.ns.svc.<domain>:port`: the metrics label and the balancer's key.
+    authority: Arc<str>,
+}
+
+impl RequestResolver {
+    fn new(destination: Destination) -> Self {
+        Self { destination, last: std::sync::Mutex::new(None) }
+    }
+
+    fn resolve(&self, proxy: &Proxy, request: &RequestInfo<'_>) -> Result<(Arc<Resolution>, Arc<str>), Error> {
+        let snapshot = proxy.snapshots.borrow().clone();
+        // Only transparent connections are routed by host: an explicit listener names its service.
+        let host = match self.destination {
+            Destination::Addr(_) => request.host,
+            Destination::Name { .. } => None,
+        };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(seen) = last.as_ref()
+            && std::ptr::eq(seen.snapshot.as_ptr(), Arc::as_ptr(&snapshot))
+            && seen.host.as_deref() == host
+        {
+            return Ok((Arc::clone(&seen.resolution), Arc::clone(&seen.authority)));
+        }
+        let resolution = match host.and_then(|h| self.by_host(proxy, &snapshot, h)) {
+            Some(found) => found,
+            None => resolve_in(proxy, &snapshot, &self.destination)?,
+        };
+        let authority: Arc<str> = match &resolution {
+            Resolution::Service { resolved, port } => format!("{}:{port}", resolved.fqdn).into(),
+            Resolution::Passthrough(_) => "unknown".into(),
+        };
+        let resolution = Arc::new(resolution);
+        *last = Some(Remembered {
+            snapshot: Arc::downgrade(&snapshot),
+            host: host.map(str::to_owned),
+            resolution: Arc::clone(&resolution),
+            authority: Arc::clone(&authority),
+        });
+        Ok((resolution, authority))
+    }
+
+    /// The mesh service a Host header names, on its port (else the original port); `None` for
+    /// an address literal or a name the mesh does not know.
+    fn by_host(&self, proxy: &Proxy, snapshot: &Snapshot, host: &str) -> Option<Resolution> {
+        let Destination::Addr(original) = self.destination else { return None };
+        let (name, port) = match host.rsplit_once(':') {
+            Some((name, port)) => (name, port.parse().ok()?),
+            _ => (host, original.port()),
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if name.starts_with('[') || name.parse::<std::net::IpAddr>().is_ok() {
+            return None;
+        }
+        match discovery::resolve_name(snapshot, &proxy.settings, name) {
+            Lookup::Found(resolved) => Some(Resolution::Service { resolved, port }),
+            Lookup::NotFound | Lookup::Unknown { .. } => None,
+        }
+    }
+}
+
 /// The destination of one HTTP request attempt: the route (HTTPRoute, TrafficSplit) picks a
 /// backend service, the balancer an endpoint of it.
-fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) -> Result<Routed, Error> {
-    let (resolved, port) = match resolve(proxy, destination)? {
-        Resolution::Service { resolved, port } => (resolved, port),
+fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -> Result<Routed, Error> {
+    let (resolution, authority) = resolver.resolve(proxy, request)?;
+    let (resolved, port) = match &*resolution {
+        Resolution::Service { resolved, port } => (resolved, *port),
         Resolution::Passthrough(addr) => {
-            let route = Route::Plain { addr, authority: "unknown".into() };
+            let route = Route::Plain { addr: *addr, authority: "unknown".into() };
             let authority = "unknown".to_owned();
             return Ok(Routed { route, in_flight: None, timeout: None, try_timeout: None, retry: None, authority });
         }
     };
-    let authority = format!("{}:{port}", resolved.fqdn);
+    let authority = authority.to_string();
     let snapshot = proxy.snapshots.borrow().clone();
     // Only a backend the cache knows is absent is dropped; one whose source has not synced is
     // kept, and answers "unknown" (503) if picked, never "no such backend".
@@ -186,7 +268,7 @@ fn route(proxy: &Proxy, destination: &Destination, request: &RequestInfo<'_>) ->
     let backend = choice.pick(balance::roll() as u32).ok_or_else(|| Error::NoEndpoint(authority.clone()))?;
     let backend_port = backend.port.unwrap_or(port);
     let (plan, in_flight) = if backend.service == resolved.name && backend.namespace == resolved.namespace {
-        plan_for(proxy, &resolved, backend_port)?
+        plan_for(proxy, resolved, backend_port)?
     } else {
         let name = format!("{}.{}", backend.service, backend.namespace);
         match discovery::resolve_name(&snapshot, &proxy.settings, &name) {
