@@ -80,8 +80,10 @@ impl Zone {
         }))
     }
 
-    /// `svc.ns` and `svc.ns.svc`: answered only when the service exists, otherwise the name is
-    /// someone else's and goes upstream.
+    /// `svc.ns` and `svc.ns.svc`: answered when the service exists; SERVFAIL when a source that
+    /// has not listed its services could hold it and the namespace is one the cache knows (an
+    /// upstream resolver would answer a false NXDOMAIN); otherwise the name is someone else's
+    /// and goes upstream.
     fn short_name(&self, snapshot: &Snapshot, qname: &Name, qtype: RecordType, name: &str) -> Decision {
         if !self.short_names {
             return Decision::Forward;
@@ -93,6 +95,9 @@ impl Zone {
         };
         match self.lookup(snapshot, service, namespace) {
             Lookup::Found(resolved) => Decision::Answer(Box::new(self.addresses(qname, qtype, &resolved))),
+            Lookup::Unknown { .. } if namespace_known(snapshot, namespace) => {
+                Decision::Answer(Box::new(self.negative(ResponseCode::ServFail)))
+            }
             Lookup::NotFound | Lookup::Unknown { .. } => Decision::Forward,
         }
     }
@@ -279,6 +284,16 @@ fn protocol_name(protocol: Protocol) -> &'static str {
         Protocol::Udp => "udp",
         Protocol::Sctp => "sctp",
     }
+}
+
+/// Whether any source lists a service in `namespace`.
+fn namespace_known(snapshot: &Snapshot, namespace: &str) -> bool {
+    let first = crate::model::ObjectRef::new(namespace, "");
+    snapshot.sources().any(|(source, _)| {
+        snapshot
+            .objects(source, crate::model::Kind::Service)
+            .is_some_and(|services| services.range(&first..).next().is_some_and(|(key, _)| key.namespace == namespace))
+    })
 }
 
 #[cfg(test)]

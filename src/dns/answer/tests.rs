@@ -164,6 +164,20 @@ fn short_names_are_answered_only_when_they_exist() {
 }
 
 #[test]
+fn a_short_name_in_a_known_namespace_is_servfail_while_a_link_has_not_listed_services() {
+    let mut s_view = SourceView::default();
+    s_view.set_kind(Kind::Service, vec![service("web", &["10.96.0.10"])]);
+    s_view.set_kind(Kind::EndpointSlice, Vec::new());
+    let s = Snapshot::from_sources([(SourceId::Local, s_view), (SourceId::Link("east".into()), SourceView::default())]);
+    let mut zone = zone();
+    zone.settings.link_modes.insert("east".into(), crate::config::LinkMode::Federated);
+    let decide = |q: &str| zone.decide(&s, &name(q), RecordType::A);
+    assert!(matches!(decide("api.shop."), Decision::Answer(a) if a.code == ResponseCode::ServFail), "east may hold it");
+    assert!(matches!(decide("web.shop."), Decision::Answer(a) if a.code == ResponseCode::NoError));
+    assert_eq!(decide("example.com."), Decision::Forward, "no namespace com: someone else's name");
+}
+
+#[test]
 fn the_zone_apex_has_an_soa() {
     let s = snapshot(true);
     let soa = answer(&s, "cluster.local.", RecordType::SOA);
