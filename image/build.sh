@@ -44,7 +44,7 @@ customize_hook="$here/image/customize.sh \"\$1\" $here/$binary"
 for attempt in 1 2 3; do
     # armhf indexes are sometimes caught mid-sync: retry.
     if scripts/in-binfmt-ns.sh mmdebstrap --mode=root --variant=minbase --architectures="$arch" \
-        --include="systemd-sysv,udev,kmod,e2fsprogs,dosfstools,initramfs-tools,$kernel,curl,ca-certificates" \
+        --include="systemd-sysv,udev,kmod,e2fsprogs,dosfstools,initramfs-tools,$kernel,curl,ca-certificates,procps,nftables" \
         --essential-hook="$essential_hook" --customize-hook="$customize_hook" \
         bookworm "$rootfs" "deb $mirror bookworm main"; then
         break

@@ -36,12 +36,21 @@ kill -TERM "$pid"; wait "$pid" || true
 "$host" -c "$work/export.toml" cache export "$work/seed/meshkeep/cache.mkc"
 # The box's own configuration: its manifest folder does not exist there, so all it serves comes
 # from the cache it was given.
+# Its link's token is a seed credential: first boot hands it to the service through
+# LoadCredential=, and the daemon exits 78 at start if it is not there. The guest has no
+# network, so the link stays disconnected.
 cat > "$work/seed/meshkeep/config.toml" <<CONFIG
 [node]
 name = "edge-qemu"
 [upstream.local]
 path = "/etc/meshkeep/manifests"
+[upstream.links.east]
+server = "https://192.0.2.1:6443"
+token_file = "credential:east-token"
+mode = "mirror"
 CONFIG
+mkdir -p "$work/seed/meshkeep/credentials"
+echo "a-token-the-guest-cannot-use-offline" > "$work/seed/meshkeep/credentials/east-token"
 
 for arch in arm64 armhf; do
     start=$SECONDS

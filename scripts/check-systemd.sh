@@ -14,8 +14,9 @@ for unit in meshkeep.service meshkeep-redirect.service; do
     sed "s|/usr/bin/meshkeep|$binary|g" "systemd/$unit" > "$work/$unit"
 done
 out=$(systemd-analyze verify --man=no "$work/meshkeep.service" "$work/meshkeep-redirect.service" 2>&1 || true)
-# Only findings about our files count (the host's own units may have their own warnings).
-ours=$(echo "$out" | grep -F "$work" || true)
+# Only findings about our files count (the host's own units may have their own warnings): by
+# path, or by unit name (unit-level messages are prefixed with the unit's name).
+ours=$(echo "$out" | grep -E "$work|meshkeep(-redirect)?\.service" || true)
 if [ -n "$ours" ]; then
     echo "systemd-analyze verify found problems:"
     echo "$ours"

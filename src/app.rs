@@ -38,7 +38,8 @@ pub fn run(loaded: Loaded) -> anyhow::Result<()> {
 
 async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     let started = Instant::now();
-    let Loaded { config, files, embedded, env_overrides, service_manager, reload_from } = loaded;
+    let Loaded { config, files, embedded, env_overrides, service_manager, reload_from, missing_credentials: _ } =
+        loaded;
     let notifier = Arc::new(Notifier::new(service_manager.notify_socket.as_deref()).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "NOTIFY_SOCKET is unusable; systemd will not be notified");
         Notifier::disabled()

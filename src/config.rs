@@ -1057,6 +1057,10 @@ pub struct Loaded {
     pub service_manager: ServiceManager,
     /// The explicit configuration file (`--config`), for a reload to read the same one.
     pub reload_from: Option<PathBuf>,
+    /// `credential:NAME` link files left unresolved because systemd passed no credentials
+    /// (`key: why`): the daemon refuses to start with any; operator commands, which never read
+    /// link secrets, run as usual.
+    pub missing_credentials: Vec<String>,
 }
 
 /// What systemd passes a service through its environment.
@@ -1127,7 +1131,7 @@ impl Source {
             message,
         })?;
         self.resolve_defaults(&mut config, main_file.is_none(), &config_dir);
-        self.resolve_credentials(&mut config).map_err(|(key, message)| Error::Invalid {
+        let missing_credentials = self.resolve_credentials(&mut config).map_err(|(key, message)| Error::Invalid {
             key,
             message,
             files: files.clone(),
@@ -1145,13 +1149,22 @@ impl Source {
                 .map(std::time::Duration::from_micros),
         };
         let reload_from = self.explicit_file.clone();
-        Ok(Loaded { config, files, embedded: main_file.is_none(), env_overrides, service_manager, reload_from })
+        Ok(Loaded {
+            config,
+            files,
+            embedded: main_file.is_none(),
+            env_overrides,
+            service_manager,
+            reload_from,
+            missing_credentials,
+        })
     }
 
     /// Link secrets written `credential:NAME` are the files systemd's `LoadCredential=` put in
-    /// `$CREDENTIALS_DIRECTORY`.
-    fn resolve_credentials(&self, config: &mut Config) -> Result<(), (String, String)> {
+    /// `$CREDENTIALS_DIRECTORY`. Without that directory they stay unresolved and are returned.
+    fn resolve_credentials(&self, config: &mut Config) -> Result<Vec<String>, (String, String)> {
         let directory = self.env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let mut missing = Vec::new();
         for (name, link) in &mut config.upstream.links {
             let paths: Vec<(&str, &mut PathBuf)> = match &mut link.access {
                 LinkAccess::Kubeconfig { path, .. } => vec![("kubeconfig", path)],
@@ -1172,18 +1185,15 @@ impl Source {
                 if credential.is_empty() || credential.contains('/') {
                     return Err((key, format!("{credential:?} is not a credential name")));
                 }
-                let Some(directory) = &directory else {
-                    return Err((
-                        key,
-                        format!(
-                            "credential:{credential} needs systemd's LoadCredential= (CREDENTIALS_DIRECTORY is not set)"
-                        ),
-                    ));
-                };
-                *path = directory.join(credential);
+                match &directory {
+                    Some(directory) => *path = directory.join(credential),
+                    None => missing.push(format!(
+                        "{key}: credential:{credential} needs systemd's LoadCredential= (CREDENTIALS_DIRECTORY is not set)"
+                    )),
+                }
             }
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// The main file (if any) and the directory whose `config.d/` holds drop-ins.
@@ -1432,8 +1442,15 @@ mod tests {
             panic!("a server link");
         };
         assert_eq!(token_file.as_deref(), Some(Path::new("/run/credentials/meshkeep.service/east-token")));
-        let err = load_err(&[("config.toml", link)], &[]);
-        assert!(err.contains("upstream.links.east.token_file") && err.contains("CREDENTIALS_DIRECTORY"), "{err}");
+        assert!(loaded.missing_credentials.is_empty());
+        // Outside systemd (an operator's command) the credential stays unresolved and is named.
+        let (_dir, source) = source_with(&[("config.toml", link)], &[]);
+        let loaded = source.load().expect("operator commands load it");
+        let missing = loaded.missing_credentials.join("\n");
+        assert!(
+            missing.contains("upstream.links.east.token_file") && missing.contains("CREDENTIALS_DIRECTORY"),
+            "{missing}"
+        );
         let bad = link.replace("credential:east-token", "credential:../etc/shadow");
         assert!(
             load_err(&[("config.toml", &bad)], &[("CREDENTIALS_DIRECTORY", "/run/c")])

@@ -127,13 +127,18 @@ fn link_secrets_come_from_load_credential() {
     std::fs::rename(&kubeconfig, credentials.path().join("east-kubeconfig")).unwrap();
     let link = "[upstream.links.east]\nkubeconfig = \"credential:east-kubeconfig\"\n";
 
-    // Without systemd's CREDENTIALS_DIRECTORY the configuration says what is missing.
+    // Without systemd's CREDENTIALS_DIRECTORY the daemon refuses to start and says what is
+    // missing; operator commands, which never read link secrets, still work and warn.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.toml"), link).unwrap();
-    let refused = meshkeep(dir.path(), &["-c", "config.toml", "config", "check"], &[]);
+    let refused = meshkeep(dir.path(), &["-c", "config.toml", "run"], &[]);
     assert_eq!(refused.status.code(), Some(78));
     let error = String::from_utf8_lossy(&refused.stderr);
     assert!(error.contains("upstream.links.east.kubeconfig") && error.contains("LoadCredential"), "{error}");
+    let checked = meshkeep(dir.path(), &["-c", "config.toml", "config", "check"], &[]);
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+    let warning = String::from_utf8_lossy(&checked.stdout);
+    assert!(warning.contains("warning: upstream.links.east.kubeconfig"), "{warning}");
 
     let mut daemon =
         Daemon::builder().config(link).env("CREDENTIALS_DIRECTORY", credentials.path().display().to_string()).spawn();

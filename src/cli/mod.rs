@@ -177,6 +177,12 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if matches!(cli.command, Command::Run)
+        && let Some(missing) = loaded.missing_credentials.first()
+    {
+        eprintln!("meshkeep: invalid configuration: {missing}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if !matches!(cli.command, Command::Run) {
         // Operator commands report problems (a quarantined store, a damaged file) as warnings.
         if let Ok(filter) = "warn".parse() {
@@ -258,6 +264,9 @@ fn config_check(loaded: &config::Loaded) {
     }
     for var in &loaded.env_overrides {
         println!("ok: environment {var}");
+    }
+    for missing in &loaded.missing_credentials {
+        println!("warning: {missing}; `meshkeep run` started by systemd gets it, started otherwise it refuses to");
     }
 }
 
