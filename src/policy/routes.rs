@@ -180,8 +180,10 @@ fn from_http_routes(
         let refusal = backends.is_empty().then_some(500);
         Choice { refusal, ..Choice::to(by, backends) }
     };
-    choice.request_timeout = rule.request_timeout_ms.map(Duration::from_millis);
-    choice.backend_timeout = rule.backend_request_timeout_ms.map(Duration::from_millis);
+    // Gateway API: a zero duration disables the timeout.
+    let timeout = |ms: Option<u64>| ms.filter(|&ms| ms > 0).map(Duration::from_millis);
+    choice.request_timeout = timeout(rule.request_timeout_ms);
+    choice.backend_timeout = timeout(rule.backend_request_timeout_ms);
     choice.retry.clone_from(&rule.retry);
     choice
 }

@@ -138,6 +138,20 @@ fn a_rule_marked_retryable_carries_its_retry_to_the_choice() {
 }
 
 #[test]
+fn a_zero_timeout_means_none() {
+    let s = snapshot(vec![route(
+        "api",
+        vec![HttpRouteRule {
+            request_timeout_ms: Some(0),
+            backend_request_timeout_ms: Some(0),
+            ..rule(vec![path(PathMatch::Prefix("/".into()))], &[("api", 1)])
+        }],
+    )]);
+    let choice = choose(&s, "GET", "/", &HeaderMap::new());
+    assert_eq!((choice.request_timeout, choice.backend_timeout), (None, None));
+}
+
+#[test]
 fn http_routes_refuse_what_no_rule_matches_and_drop_missing_backends() {
     let s = snapshot(vec![route(
         "api",

@@ -82,6 +82,22 @@ fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
 }
 
 #[test]
+fn an_ejection_outside_the_preferred_tier_is_remembered() {
+    let balancer = Arc::new(Balancer::new(&TrafficConfig::default()));
+    let ready = [candidate(1, "n1", "here"), candidate(2, "n2", "elsewhere")];
+    let (near, far) = (vec![&ready[0]], vec![&ready[1]]);
+    // While the preferred zone had no ready endpoint, the far one failed and was ejected.
+    for _ in 0..7 {
+        balancer.pick_in_tier("svc", &ready, &far, 1).unwrap().finish(Outcome::Failure);
+    }
+    for _ in 0..5 {
+        balancer.pick_in_tier("svc", &ready, &near, 1).unwrap().finish(Outcome::Success);
+    }
+    assert!(!balancer.usable("svc", ready[1].addr), "still ejected: {:?}", balancer.report("svc"));
+    assert!(balancer.pick_in_tier("svc", &ready, &far, 1).is_none(), "not picked before its backoff ends");
+}
+
+#[test]
 fn backoff_doubles_up_to_the_maximum_with_jitter_around_it() {
     let balancer = Balancer::new(&TrafficConfig::default());
     assert_eq!(balancer.backoff(0, 0.5), Duration::from_secs(1));
