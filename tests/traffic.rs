@@ -54,7 +54,7 @@ impl Backend {
     }
 }
 
-/// Keep-alive HTTP/1.1: reads heads (and content-length bodies), answers each.
+/// Keep-alive HTTP/1.1: reads heads (and content-length or chunked bodies), answers each.
 fn serve(mut stream: TcpStream, hits: &AtomicU64, mode: &Mutex<Mode>) {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
@@ -68,18 +68,27 @@ fn serve(mut stream: TcpStream, hits: &AtomicU64, mode: &Mutex<Mode>) {
             continue;
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let chunked = head.lines().any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
         let length: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
-        while buf.len() < end + 4 + length {
+        // A chunked body (without trailers) ends with the zero-length chunk.
+        let body_end = |buf: &[u8]| match chunked {
+            true => buf[end + 4..].windows(5).position(|w| w == b"0\r\n\r\n").map(|at| end + 4 + at + 5),
+            false => (buf.len() >= end + 4 + length).then_some(end + 4 + length),
+        };
+        let consumed = loop {
+            if let Some(consumed) = body_end(&buf) {
+                break consumed;
+            }
             match stream.read(&mut chunk) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
-        }
-        buf.drain(..end + 4 + length);
+        };
+        buf.drain(..consumed);
         let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
         let mode = *mode.lock().unwrap();
         std::thread::sleep(mode.delay);
@@ -284,6 +293,28 @@ fn a_route_marked_retryable_retries_posts_on_its_codes_after_its_backoff() {
     assert!(posts.iter().all(|s| *s == 200), "every POST succeeded: {posts:?}");
     assert!(backend.hits() >= 60 + 60 + 19, "about 20 retries reached the backend: {}", backend.hits());
     assert!(started.elapsed() >= Duration::from_millis(19 * 50), "each retry waited the route's 50 ms backoff");
+
+    // Bodies of unknown length (chunked) are kept for replay too, up to the limit.
+    for _ in 0..9 {
+        let chunked = curl(&[
+            "--http1.1",
+            "-H",
+            "Host: web.shop",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "a chunked body",
+            &format!("http://{listener}/work"),
+        ]);
+        assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
+    }
+
+    // A path no rule of the route matches is refused with 404, and counted like any answer.
+    let refused = curl(&["--http1.1", "-H", "Host: web.shop", &format!("http://{listener}/elsewhere")]);
+    assert!(refused.starts_with("HTTP/1.1 404"), "{refused}");
+    let (_, metrics) = daemon.get("/metrics");
+    let counted = "response_total{direction=\"outbound\",authority=\"web.shop.svc.cluster.local:80\",tls=\"no_identity\",status_code=\"404\",classification=\"success\"} 1";
+    assert!(metrics.lines().any(|l| l.starts_with(counted)), "{metrics}");
 }
 
 #[test]

@@ -164,6 +164,28 @@ fn curl_to_a_cluster_ip_goes_through_both_proxies() {
         "{metrics}"
     );
 
+    // An address the mesh does not know is reached as it is: a 5xx to an idempotent request is
+    // not retried (python's http.server answers DELETE with 501 and logs each request).
+    run("ip", &["addr", "add", "10.96.0.99/32", "dev", "lo"]);
+    let log = dir.path().join("unknown.log");
+    let _unknown = Backend(
+        Command::new("python3")
+            .args(["-m", "http.server", "8099", "--bind", "10.96.0.99", "--directory", site.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("python http.server"),
+    );
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("10.96.0.99", 8099)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the unknown server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let unknown = curl(&["-i", "-X", "DELETE", "http://10.96.0.99:8099/marker.txt"]);
+    assert!(unknown.contains(" 501 "), "curl: {unknown}\nA:\n{}", a.log());
+    let tries = std::fs::read_to_string(&log).unwrap().matches("\"DELETE /marker.txt").count();
+    assert_eq!(tries, 1, "forwarded once, not retried");
+
     let removed = meshkeep(a.path(), &["-c", &config, "redirect", "remove"], &[]);
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
     let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();

@@ -10,10 +10,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
@@ -48,6 +50,8 @@ pub const ORIGINAL_VERSION_HEADER: &str = "meshkeep-original-version";
 /// answering is found out and dropped (hyper's keep-alive timeout of 20 s applies). Servers send
 /// no pings: an idle connection is closed by the idle timeout instead.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// The response deadline of requests to destinations the mesh does not know: none, in effect.
+const NO_DEADLINE: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// Response header saying why the proxy answered itself.
 pub const ERROR_HEADER: &str = "meshkeep-error";
 
@@ -155,8 +159,13 @@ impl HttpMetrics {
 /// Pooled HTTP/2 connections to peers, by peer address and identity.
 #[derive(Default)]
 pub struct PeerPool {
-    peers: Mutex<HashMap<(SocketAddr, String), SendRequest<Body>>>,
+    /// One slot per peer and identity: opening a connection (TCP, mTLS) holds only its own
+    /// peer's slot, so a slow peer never holds up requests to the others.
+    peers: std::sync::Mutex<HashMap<(SocketAddr, String), PeerSlot>>,
 }
+
+/// The connection to one peer, once opened; locked while it is being opened.
+type PeerSlot = Arc<Mutex<Option<SendRequest<Body>>>>;
 
 impl std::fmt::Debug for PeerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -248,6 +257,12 @@ where
     }
 }
 
+/// Why a request could not be routed, and the service it was for when that is known.
+pub struct Refused {
+    pub error: Error,
+    pub authority: Option<String>,
+}
+
 /// Where one attempt of an outbound request goes, and what it is counted under.
 pub struct Routed {
     pub route: Route,
@@ -259,6 +274,9 @@ pub struct Routed {
     pub try_timeout: Option<Duration>,
     /// The route's retry policy, if it marks its requests retryable.
     pub retry: Option<RouteRetry>,
+    /// A destination the mesh does not know: forwarded as it is, with no retries and no
+    /// response deadline of the mesh's (only the idle timeout applies).
+    pub unknown: bool,
     /// The service asked for (`name.ns.svc.<domain>:port`), before any split: the metrics label.
     pub authority: String,
 }
@@ -282,7 +300,7 @@ pub async fn serve_outbound<R>(
     drain: drain::Watch,
 ) -> Result<(), Error>
 where
-    R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Error> + Send + Sync + 'static,
+    R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Refused> + Send + Sync + 'static,
 {
     let (activity, idle, header_timeout) = (client.activity(), proxy.http_idle_timeout, proxy.header_read_timeout);
     // HTTP/1 heads have their own deadline; HTTP/2 connections only the idle timeout.
@@ -347,23 +365,52 @@ impl RetryPlan {
 
 /// A request body: kept in memory when it may be replayed, else streamed once.
 enum RequestBody {
-    Replayable(Bytes),
-    Once(Option<Incoming>),
+    /// The whole body and its trailers, small enough to send again.
+    Replayable {
+        data: Bytes,
+        trailers: Option<http::HeaderMap>,
+    },
+    Once(Option<Body>),
 }
 
 impl RequestBody {
+    /// Reads a body of unknown length up to `limit` bytes: one that ends within them can be
+    /// replayed; a longer one is sent once, what was read first and then the rest as it comes.
+    async fn buffer(mut body: Incoming, limit: usize) -> Result<Self, hyper::Error> {
+        let mut data = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            match frame?.into_data() {
+                Ok(chunk) => {
+                    data.extend_from_slice(&chunk);
+                    if data.len() > limit {
+                        let read = futures::stream::iter([Ok(Frame::data(data.freeze()))]);
+                        let rest = read.chain(http_body_util::BodyStream::new(body));
+                        return Ok(Self::Once(Some(boxed(http_body_util::StreamBody::new(rest)))));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        return Ok(Self::Replayable { data: data.freeze(), trailers: Some(trailers) });
+                    }
+                }
+            }
+        }
+        Ok(Self::Replayable { data: data.freeze(), trailers: None })
+    }
+
     fn take(&mut self) -> Body {
         match self {
-            RequestBody::Replayable(bytes) => boxed(Full::new(bytes.clone())),
-            RequestBody::Once(body) => match body.take() {
-                Some(body) => boxed(body),
-                None => boxed(Full::new(Bytes::new())),
-            },
+            RequestBody::Replayable { data, trailers: None } => boxed(Full::new(data.clone())),
+            RequestBody::Replayable { data, trailers: Some(trailers) } => {
+                let frames = [Frame::data(data.clone()), Frame::trailers(trailers.clone())];
+                boxed(http_body_util::StreamBody::new(futures::stream::iter(frames.map(Ok::<_, Infallible>))))
+            }
+            RequestBody::Once(body) => body.take().unwrap_or_else(|| boxed(Full::new(Bytes::new()))),
         }
     }
 
     fn replayable(&self) -> bool {
-        matches!(self, RequestBody::Replayable(_))
+        matches!(self, RequestBody::Replayable { .. })
     }
 }
 
@@ -379,20 +426,31 @@ fn route_error(proxy: &Proxy, e: &Error) -> Response<Body> {
 
 async fn outbound_request<R>(proxy: &Proxy, route: &R, request: Request<Incoming>) -> Response<Body>
 where
-    R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Error>,
+    R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Refused>,
 {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let info = RequestInfo::of(&parts);
     let mut routed = match route(proxy, &info) {
         Ok(routed) => routed,
-        Err(e) => return route_error(proxy, &e),
+        Err(refused) => {
+            // Counted like any answer: under the service when it was known, else `unknown`.
+            let authority = refused.authority.unwrap_or_else(|| "unknown".to_owned());
+            let labels = RequestLabels { direction: "outbound", authority, tls: "no_identity" };
+            proxy.http.requests.get_or_create(&labels).inc();
+            let response = route_error(proxy, &refused.error);
+            proxy.http.record(&labels, (&parts.method, parts.uri.path()), response.status(), started);
+            return response;
+        }
     };
     let labels = RequestLabels { direction: "outbound", authority: routed.authority.clone(), tls: routed.route.tls() };
     proxy.http.requests.get_or_create(&labels).inc();
     let policy = proxy.traffic_for(&routed.authority);
     // Until the response headers, over all tries.
-    let deadline = tokio::time::Instant::now() + routed.timeout.unwrap_or(policy.response_timeout);
+    let deadline = match routed.unknown {
+        true => tokio::time::Instant::now() + NO_DEADLINE,
+        false => tokio::time::Instant::now() + routed.timeout.unwrap_or(policy.response_timeout),
+    };
     let version = parts.version;
     let host = parts
         .headers
@@ -402,17 +460,21 @@ where
         .or_else(|| parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| labels.authority.clone());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let retry = RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method);
-    let mut body = match hyper::body::Body::size_hint(&body).exact() {
-        // Kept for replay: a client that trickles its body is held to the response deadline.
-        Some(size) if retry.max > 0 && size <= policy.retry_body_limit as u64 => {
-            match tokio::time::timeout_at(deadline, body.collect()).await {
-                Ok(Ok(collected)) => RequestBody::Replayable(collected.to_bytes()),
-                Ok(Err(e)) => return empty_with(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}")),
-                Err(_) => return empty_with(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
-            }
+    let retry = match routed.unknown {
+        true => RetryPlan { max: 0, codes: Vec::new(), backoff: Duration::ZERO },
+        false => RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method),
+    };
+    // A retryable request's body is kept for replay up to the limit (a body announced as longer
+    // is streamed at once); a client that trickles its body is held to the response deadline.
+    let announced = hyper::body::Body::size_hint(&body).exact();
+    let mut body = if retry.max > 0 && announced.is_none_or(|size| size <= policy.retry_body_limit as u64) {
+        match tokio::time::timeout_at(deadline, RequestBody::buffer(body, policy.retry_body_limit)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => return empty_with(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}")),
+            Err(_) => return empty_with(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
         }
-        _ => RequestBody::Once(Some(body)),
+    } else {
+        RequestBody::Once(Some(boxed(body)))
     };
     proxy.budget.deposit(&routed.authority);
     let mut retries = 0;
@@ -513,17 +575,20 @@ async fn send_to_peer(
     authority: &str,
     request: Request<Body>,
 ) -> Result<Response<Incoming>, String> {
-    let key = (peer, identity.to_owned());
+    let slot = {
+        let mut peers = proxy.peers.peers.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(peers.entry((peer, identity.to_owned())).or_default())
+    };
     let mut sender = {
-        let mut peers = proxy.peers.peers.lock().await;
-        match peers.get(&key).filter(|s| !s.is_closed()) {
+        let mut slot = slot.lock().await;
+        match slot.as_ref().filter(|s| !s.is_closed()) {
             Some(sender) => sender.clone(),
             None => {
                 let sender = open_peer(proxy, peer, identity, target_port, authority).await.map_err(|e| {
                     proxy.metrics.error("outbound", e.reason());
                     e.to_string()
                 })?;
-                peers.insert(key, sender.clone());
+                *slot = Some(sender.clone());
                 sender
             }
         }

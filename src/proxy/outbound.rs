@@ -10,7 +10,7 @@ use tokio_rustls::TlsConnector;
 
 use super::balance::{self, Candidate, InFlight, Outcome};
 use super::detect::Protocol;
-use super::http::{Route, Routed};
+use super::http::{Refused, Route, Routed};
 use super::metrics::{ConnectionLabels, OpenConnection};
 use super::tcp::{Counted, splice};
 use super::transport::Header;
@@ -166,10 +166,11 @@ fn resolve_in(proxy: &Proxy, snapshot: &Snapshot, destination: &Destination) -> 
     }
 }
 
-/// Where the HTTP requests of one connection go. A request whose Host (or `:authority`) names
-/// a mesh service goes to that service; otherwise to the connection's destination (its
-/// explicit listener's service, or its original address). The last answer is reused while the
-/// snapshot and the host stay the same: a keep-alive connection usually talks to one service.
+/// Where the HTTP requests of one connection go: to the connection's destination (its explicit
+/// listener's service, or the service its original address belongs to); when that address is
+/// not one the mesh knows, to the mesh service the request's Host (or `:authority`) names, if
+/// any. The last answer is reused while the snapshot and the host stay the same: a keep-alive
+/// connection usually talks to one service.
 struct RequestResolver {
     destination: Destination,
     last: std::sync::Mutex<Option<Remembered>>,
@@ -204,10 +205,12 @@ impl RequestResolver {
         {
             return Ok((Arc::clone(&seen.resolution), Arc::clone(&seen.authority)));
         }
-        let resolution = match host.and_then(|h| self.by_host(proxy, &snapshot, h)) {
-            Some(found) => found,
-            None => resolve_in(proxy, &snapshot, &self.destination)?,
-        };
+        let mut resolution = resolve_in(proxy, &snapshot, &self.destination)?;
+        if matches!(resolution, Resolution::Passthrough(_))
+            && let Some(found) = host.and_then(|h| self.by_host(proxy, &snapshot, h))
+        {
+            resolution = found;
+        }
         let authority: Arc<str> = match &resolution {
             Resolution::Service { resolved, port } => format!("{}:{port}", resolved.fqdn).into(),
             Resolution::Passthrough(_) => "unknown".into(),
@@ -243,17 +246,35 @@ impl RequestResolver {
 
 /// The destination of one HTTP request attempt: the route (HTTPRoute, TrafficSplit) picks a
 /// backend service, the balancer an endpoint of it.
-fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -> Result<Routed, Error> {
-    let (resolution, authority) = resolver.resolve(proxy, request)?;
-    let (resolved, port) = match &*resolution {
-        Resolution::Service { resolved, port } => (resolved, *port),
+fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -> Result<Routed, Refused> {
+    let (resolution, authority) =
+        resolver.resolve(proxy, request).map_err(|error| Refused { error, authority: None })?;
+    match &*resolution {
+        Resolution::Service { resolved, port } => route_to(proxy, resolved, *port, authority.to_string(), request)
+            .map_err(|error| Refused { error, authority: Some(authority.to_string()) }),
         Resolution::Passthrough(addr) => {
             let route = Route::Plain { addr: *addr, authority: "unknown".into() };
             let authority = "unknown".to_owned();
-            return Ok(Routed { route, in_flight: None, timeout: None, try_timeout: None, retry: None, authority });
+            Ok(Routed {
+                route,
+                in_flight: None,
+                timeout: None,
+                try_timeout: None,
+                retry: None,
+                authority,
+                unknown: true,
+            })
         }
-    };
-    let authority = authority.to_string();
+    }
+}
+
+fn route_to(
+    proxy: &Proxy,
+    resolved: &Resolved,
+    port: u16,
+    authority: String,
+    request: &RequestInfo<'_>,
+) -> Result<Routed, Error> {
     let snapshot = proxy.snapshots.borrow().clone();
     // Only a backend the cache knows is absent is dropped; one whose source has not synced is
     // kept, and answers "unknown" (503) if picked, never "no such backend".
@@ -291,6 +312,7 @@ fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -
         try_timeout: choice.backend_timeout,
         retry: choice.retry,
         authority,
+        unknown: false,
     })
 }
 
@@ -333,7 +355,7 @@ fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<(Pl
     };
     let in_flight = proxy
         .balancer
-        .pick(&authority, &tier, balance::roll())
+        .pick_in_tier(&authority, &candidates, &tier, balance::roll())
         .ok_or_else(|| Error::NoEndpoint(format!("{authority} (every endpoint is ejected after failures)")))?;
     let (endpoint, target_port) = ready
         .iter()
