@@ -254,7 +254,7 @@ async fn start_proxy(
         let socket = bind(listener.listen, "explicit listener").await?;
         let target = proxy::OutboundTarget::Service { name: listener.service.clone(), port: listener.port };
         tokio::spawn(proxy::serve_outbound(socket, Arc::clone(&shared), target, drain.clone()));
-        tracing::info!(listen = %listener.listen, service = %listener.service, port = listener.port, "proxy: explicit listener");
+        tracing::info!(listen = %listener.listen, service = %listener.service, port = ?listener.port, "proxy: explicit listener");
     }
     tracing::info!(outbound = %config.proxy.outbound_listen, inbound = %config.proxy.inbound_listen, "proxy: serving");
     Ok(shared)

@@ -703,7 +703,10 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// A mesh name such as `api.shop` or `api.shop.svc.cluster.local`.
     pub service: String,
-    pub port: u16,
+    /// The service port; without it, the service's only port (a service with several refuses
+    /// the connection, saying so in the log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// Logging.

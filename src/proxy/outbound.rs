@@ -27,8 +27,9 @@ use crate::store::Snapshot;
 pub enum Target {
     /// Connections redirected by the kernel: the destination is their original address.
     Transparent,
-    /// An explicit listener for one service and port (boxes that cannot redirect).
-    Service { name: String, port: u16 },
+    /// An explicit listener for one service and port (boxes that cannot redirect); without a
+    /// port, the service's only one.
+    Service { name: String, port: Option<u16> },
 }
 
 /// How a connection will be carried.
@@ -94,7 +95,13 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
             }
             (Destination::Addr(original), original.port())
         }
-        Target::Service { name, port } => (Destination::Name { name, port }, port),
+        Target::Service { name, port } => {
+            let port = match port {
+                Some(port) => port,
+                None => only_port(&proxy, &name)?,
+            };
+            (Destination::Name { name, port }, port)
+        }
     };
     let protocol = if proxy.opaque_ports.contains(&port) {
         Protocol::Opaque
@@ -137,6 +144,20 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
             };
             carry(&proxy, client, plan, in_flight).await
         }
+    }
+}
+
+/// The only port of a service, for an explicit listener that names none.
+fn only_port(proxy: &Proxy, name: &str) -> Result<u16, Error> {
+    let snapshot = proxy.snapshots.borrow().clone();
+    let unresolved = |reason: String| Error::Unresolved { name: name.to_owned(), reason };
+    match discovery::resolve_name(&snapshot, &proxy.settings, name) {
+        Lookup::Found(resolved) => match resolved.ports.as_slice() {
+            [only] => Ok(only.port),
+            ports => Err(unresolved(format!("{} ports and the listener names none: set `port`", ports.len()))),
+        },
+        Lookup::NotFound => Err(unresolved("no such service".into())),
+        Lookup::Unknown { reason } => Err(unresolved(reason)),
     }
 }
 
