@@ -153,29 +153,14 @@ impl Balancer {
         }
     }
 
-    /// Picks among `candidates`, which are all of the service's ready endpoints, or `None` when
-    /// all of them are ejected and none is due for a probe. `roll` is a random number.
-    pub fn pick(self: &Arc<Self>, service: &str, candidates: &[&Candidate], roll: u64) -> Option<InFlight> {
-        self.choose(service, candidates.len(), |addr| candidates.iter().any(|c| c.addr == addr), candidates, roll)
-    }
-
-    /// Picks in `tier` (the topology's preferred part of `ready`); the state of ready endpoints
-    /// outside the tier (ejections, latency) is kept for when they are preferred again.
-    pub fn pick_in_tier(
+    /// Picks in `candidates` (the topology's preferred part of the service's `ready`
+    /// endpoints), or `None` when all of them are ejected and none is due for a probe. The state
+    /// of ready endpoints outside the tier (ejections, latency) is kept for when they are
+    /// preferred again. `roll` is a random number.
+    pub fn pick(
         self: &Arc<Self>,
         service: &str,
         ready: &[Candidate],
-        tier: &[&Candidate],
-        roll: u64,
-    ) -> Option<InFlight> {
-        self.choose(service, ready.len(), |addr| ready.iter().any(|c| c.addr == addr), tier, roll)
-    }
-
-    fn choose(
-        self: &Arc<Self>,
-        service: &str,
-        ready_count: usize,
-        is_ready: impl Fn(SocketAddr) -> bool,
         candidates: &[&Candidate],
         roll: u64,
     ) -> Option<InFlight> {
@@ -183,8 +168,8 @@ impl Balancer {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         let endpoints = services.entry(service.to_owned()).or_default();
         // Forget endpoints that left the service once nothing is in flight to them.
-        if endpoints.len() > ready_count {
-            endpoints.retain(|addr, e| e.pending > 0 || is_ready(*addr));
+        if endpoints.len() > ready.len() {
+            endpoints.retain(|addr, e| e.pending > 0 || ready.iter().any(|c| c.addr == *addr));
         }
         let settings = &self.settings;
         let mut available: Vec<SocketAddr> = Vec::with_capacity(candidates.len());

@@ -50,8 +50,6 @@ pub const ORIGINAL_VERSION_HEADER: &str = "meshkeep-original-version";
 /// answering is found out and dropped (hyper's keep-alive timeout of 20 s applies). Servers send
 /// no pings: an idle connection is closed by the idle timeout instead.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
-/// The response deadline of requests to destinations the mesh does not know: none, in effect.
-const NO_DEADLINE: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// Response header saying why the proxy answered itself.
 pub const ERROR_HEADER: &str = "meshkeep-error";
 
@@ -272,11 +270,9 @@ pub struct Routed {
     pub timeout: Option<Duration>,
     /// The route's timeout for each try, if it sets one.
     pub try_timeout: Option<Duration>,
-    /// The route's retry policy, if it marks its requests retryable.
+    /// The route's retry policy, if it marks its requests retryable (or, with no attempts,
+    /// not retryable at all).
     pub retry: Option<RouteRetry>,
-    /// A destination the mesh does not know: forwarded as it is, with no retries and no
-    /// response deadline of the mesh's (only the idle timeout applies).
-    pub unknown: bool,
     /// The service asked for (`name.ns.svc.<domain>:port`), before any split: the metrics label.
     pub authority: String,
 }
@@ -447,10 +443,7 @@ where
     proxy.http.requests.get_or_create(&labels).inc();
     let policy = proxy.traffic_for(&routed.authority);
     // Until the response headers, over all tries.
-    let deadline = match routed.unknown {
-        true => tokio::time::Instant::now() + NO_DEADLINE,
-        false => tokio::time::Instant::now() + routed.timeout.unwrap_or(policy.response_timeout),
-    };
+    let deadline = tokio::time::Instant::now() + routed.timeout.unwrap_or(policy.response_timeout);
     let version = parts.version;
     let host = parts
         .headers
@@ -460,10 +453,7 @@ where
         .or_else(|| parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| labels.authority.clone());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let retry = match routed.unknown {
-        true => RetryPlan { max: 0, codes: Vec::new(), backoff: Duration::ZERO },
-        false => RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method),
-    };
+    let retry = RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method);
     // A retryable request's body is kept for replay up to the limit (a body announced as longer
     // is streamed at once); a client that trickles its body is held to the response deadline.
     let announced = hyper::body::Body::size_hint(&body).exact();

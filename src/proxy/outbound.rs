@@ -17,10 +17,14 @@ use super::transport::Header;
 use super::{Error, Proxy, connect, orig_dst};
 use crate::discovery::{self, Lookup, Resolved, ResolvedEndpoint};
 use crate::drain;
-use crate::model::TargetPort;
+use crate::model::{RouteRetry, TargetPort};
 use crate::policy::RequestInfo;
 use crate::policy::routes;
 use crate::store::Snapshot;
+
+/// The response deadline of HTTP requests to destinations the mesh does not know: none, in
+/// effect.
+const NO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
 
 /// What an outbound listener serves.
 #[derive(Debug, Clone)]
@@ -279,11 +283,12 @@ fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -
             Ok(Routed {
                 route,
                 in_flight: None,
-                timeout: None,
+                // Forwarded as it is: no response deadline of the mesh's (only the idle
+                // timeout applies) and no retries.
+                timeout: Some(NO_DEADLINE),
                 try_timeout: None,
-                retry: None,
+                retry: Some(RouteRetry { attempts: Some(0), ..RouteRetry::default() }),
                 authority,
-                unknown: true,
             })
         }
     }
@@ -333,7 +338,6 @@ fn route_to(
         try_timeout: choice.backend_timeout,
         retry: choice.retry,
         authority,
-        unknown: false,
     })
 }
 
@@ -376,7 +380,7 @@ fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<(Pl
     };
     let in_flight = proxy
         .balancer
-        .pick_in_tier(&authority, &candidates, &tier, balance::roll())
+        .pick(&authority, &candidates, &tier, balance::roll())
         .ok_or_else(|| Error::NoEndpoint(format!("{authority} (every endpoint is ejected after failures)")))?;
     let (endpoint, target_port) = ready
         .iter()

@@ -46,7 +46,7 @@ fn two_choices_favour_the_faster_endpoint() {
     let refs: Vec<&Candidate> = candidates.iter().collect();
     let mut picks = [0u32; 2];
     for i in 0..400u64 {
-        let mut pick = balancer.pick("svc", &refs, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
+        let mut pick = balancer.pick("svc", &candidates, &refs, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
         let slow = pick.addr() == candidates[1].addr;
         picks[usize::from(slow)] += 1;
         // Resolve the pick as if the endpoint answered in 1 ms or 50 ms.
@@ -65,19 +65,19 @@ fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
     let only = [candidate(1, "n", "z")];
     let refs: Vec<&Candidate> = only.iter().collect();
     for _ in 0..6 {
-        balancer.pick("svc", &refs, 1).unwrap().finish(Outcome::Failure);
+        balancer.pick("svc", &only, &refs, 1).unwrap().finish(Outcome::Failure);
     }
     assert!(balancer.report("svc")[0].state == "active", "six failures are not enough");
-    balancer.pick("svc", &refs, 1).unwrap().finish(Outcome::Failure);
+    balancer.pick("svc", &only, &refs, 1).unwrap().finish(Outcome::Failure);
     assert!(balancer.report("svc")[0].state.starts_with("ejected"), "{:?}", balancer.report("svc"));
-    assert!(balancer.pick("svc", &refs, 1).is_none(), "no pick while ejected");
+    assert!(balancer.pick("svc", &only, &refs, 1).is_none(), "no pick while ejected");
     std::thread::sleep(Duration::from_millis(70));
-    let probe = balancer.pick("svc", &refs, 1).expect("a probe is allowed after the backoff");
-    assert!(balancer.pick("svc", &refs, 1).is_none(), "only one probe at a time");
+    let probe = balancer.pick("svc", &only, &refs, 1).expect("a probe is allowed after the backoff");
+    assert!(balancer.pick("svc", &only, &refs, 1).is_none(), "only one probe at a time");
     probe.finish(Outcome::Failure);
     assert!(balancer.report("svc")[0].state.starts_with("ejected"), "a failed probe ejects again");
     std::thread::sleep(Duration::from_millis(130)); // the backoff doubled to 100 ms
-    balancer.pick("svc", &refs, 1).expect("probe").finish(Outcome::Success);
+    balancer.pick("svc", &only, &refs, 1).expect("probe").finish(Outcome::Success);
     assert_eq!(balancer.report("svc")[0].state, "active", "a successful probe restores it");
 }
 
@@ -88,13 +88,13 @@ fn an_ejection_outside_the_preferred_tier_is_remembered() {
     let (near, far) = (vec![&ready[0]], vec![&ready[1]]);
     // While the preferred zone had no ready endpoint, the far one failed and was ejected.
     for _ in 0..7 {
-        balancer.pick_in_tier("svc", &ready, &far, 1).unwrap().finish(Outcome::Failure);
+        balancer.pick("svc", &ready, &far, 1).unwrap().finish(Outcome::Failure);
     }
     for _ in 0..5 {
-        balancer.pick_in_tier("svc", &ready, &near, 1).unwrap().finish(Outcome::Success);
+        balancer.pick("svc", &ready, &near, 1).unwrap().finish(Outcome::Success);
     }
     assert!(!balancer.usable("svc", ready[1].addr), "still ejected: {:?}", balancer.report("svc"));
-    assert!(balancer.pick_in_tier("svc", &ready, &far, 1).is_none(), "not picked before its backoff ends");
+    assert!(balancer.pick("svc", &ready, &far, 1).is_none(), "not picked before its backoff ends");
 }
 
 #[test]
