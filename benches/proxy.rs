@@ -13,7 +13,8 @@
 //!
 //! Settings: MESHKEEP_BENCH_SECONDS (per run, default 10), MESHKEEP_BENCH_RATES (default
 //! "1000,5000,20000"), MESHKEEP_BENCH_RUNS (default 3; medians are reported with the spread),
-//! MESHKEEP_BENCH_CONTENDERS (default "meshkeep,haproxy,nginx"), MESHKEEP_BENCH_OUT (the JSON
+//! MESHKEEP_BENCH_CONTENDERS (default "meshkeep,haproxy,nginx"), MESHKEEP_BENCH_HOLD (seconds to
+//! keep the warmed contenders up for profiling by hand, then stop), MESHKEEP_BENCH_OUT (the JSON
 //! results, default target/bench/proxy.json).
 
 #[path = "../tests/support/mod.rs"]
@@ -302,6 +303,17 @@ fn main() {
             let load = oha(&url(&contender.entry, mode), mode, Some(500), 2);
             assert!(load.success > 0.999, "{} {} warm-up: success rate {}", contender.name, mode.label(), load.success);
         }
+    }
+
+    // MESHKEEP_BENCH_HOLD=SECONDS: keep everything up, warmed, for that long and stop, to
+    // profile or trace a contender by hand (its entry URL and process ids are printed).
+    if let Some(hold) = std::env::var("MESHKEEP_BENCH_HOLD").ok().and_then(|s| s.parse().ok()) {
+        for contender in &proxies {
+            println!("{}: {} (pids {:?})", contender.name, contender.entry.h1, contender.pids());
+        }
+        println!("direct: {}", direct.entry.h1);
+        std::thread::sleep(std::time::Duration::from_secs(hold));
+        return;
     }
 
     // Fixed rates. Each run measures direct and then every proxy, so drift hits all alike.

@@ -116,8 +116,12 @@ fn ready(addr: std::net::SocketAddr) -> bool {
 fn main() {
     let services = env_usize("MESHKEEP_BENCH_SERVICES", 10_000);
     let endpoints = env_usize("MESHKEEP_BENCH_ENDPOINTS", 100_000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
+    // MESHKEEP_BENCH_KEEP names a folder to build the store in and keep afterwards (to profile
+    // a daemon on it by hand); by default everything goes in a temporary folder.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let kept = std::env::var_os("MESHKEEP_BENCH_KEEP").map(std::path::PathBuf::from);
+    let root = kept.as_deref().unwrap_or(temp.path());
+    let state = root.join("state");
     std::fs::create_dir_all(&state).expect("state dir");
 
     let generated = objects(services, endpoints);
@@ -153,7 +157,7 @@ fn main() {
 
     // 2. The real daemon starting from that store with its link unreachable.
     let port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr");
-    let config = dir.path().join("config.toml");
+    let config = root.join("config.toml");
     std::fs::write(
         &config,
         format!(

@@ -159,6 +159,8 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     listeners_ready.open();
     readiness.wait().await;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+    // Loading the store built and dropped temporaries on this thread: hand them back.
+    crate::memory::release_free();
     let snapshot = snapshots.borrow().clone();
     notifier.ready(&format!(
         "serving {} objects from {} sources; admin on {}",

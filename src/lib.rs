@@ -16,6 +16,7 @@ pub mod drain;
 pub mod fuzzing;
 pub mod identity;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod policy;

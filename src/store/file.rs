@@ -183,7 +183,9 @@ impl StoreFile {
             sources.insert(id, SourceView { kinds: BTreeMap::new(), meta });
         }
         let table = txn.open_table(OBJECTS).map_err(|e| self.corrupt(e))?;
-        let mut kinds: BTreeMap<(SourceId, Kind), Objects> = BTreeMap::new();
+        // Gathered first and built in one go: a B-tree built from a sequence packs its nodes
+        // full, one built by inserting keys in order leaves them about half empty.
+        let mut kinds: BTreeMap<(SourceId, Kind), Vec<(ObjectRef, Object)>> = BTreeMap::new();
         for entry in table.iter().map_err(|e| self.corrupt(e))? {
             let (key, value) = entry.map_err(|e| self.corrupt(e))?;
             let (source, kind, object_ref) =
@@ -193,11 +195,11 @@ impl StoreFile {
             if object.kind() != kind || object.object_ref() != &object_ref {
                 return Err(self.corrupt(format!("{source} {kind} {object_ref}: key does not match the object")));
             }
-            kinds.entry((source, kind)).or_default().insert(object_ref, object);
+            kinds.entry((source, kind)).or_default().push((object_ref, object));
         }
         for ((source, kind), objects) in kinds {
             let view = sources.entry(source).or_default();
-            view.kinds.insert(kind, Arc::new(objects));
+            view.kinds.insert(kind, Arc::new(objects.into_iter().collect::<Objects>()));
         }
         Ok(sources)
     }

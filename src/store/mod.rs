@@ -289,12 +289,20 @@ impl Writer {
             Update::Replace { kind, namespace, objects, resource_version, complete, .. } => {
                 let listed = objects.len();
                 let view = self.view_mut(&source);
-                let current = Arc::make_mut(view.kinds.entry(kind).or_default());
+                let fresh = objects.into_iter().map(|o| (o.object_ref().clone(), o));
                 match &namespace {
-                    None => current.clear(),
-                    Some(ns) => current.retain(|key, _| &key.namespace != ns),
+                    // A new map, not the old one cleared: the published snapshot's copy is not
+                    // cloned first, and a map built from a sequence packs its nodes full (one
+                    // filled by inserts in order leaves them about half empty).
+                    None => {
+                        view.kinds.insert(kind, Arc::new(fresh.collect()));
+                    }
+                    Some(ns) => {
+                        let current = Arc::make_mut(view.kinds.entry(kind).or_default());
+                        current.retain(|key, _| &key.namespace != ns);
+                        current.extend(fresh);
+                    }
                 }
-                current.extend(objects.into_iter().map(|o| (o.object_ref().clone(), o)));
                 tracing::debug!(%source, %kind, namespace = namespace.as_deref().unwrap_or("*"), objects = listed, "relist complete");
                 if complete {
                     view.meta.synced_kinds.insert(kind);
@@ -390,6 +398,7 @@ impl Writer {
         }
         let dirty = std::mem::take(&mut self.dirty);
         let ops = self.ops(&dirty);
+        let relisted = !dirty.replaced.is_empty();
         let file = self.file.clone();
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || file.commit(&ops)).await;
@@ -397,6 +406,10 @@ impl Writer {
             Ok(Ok(())) => {
                 tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "store committed");
                 self.metrics.commits.inc();
+                if relisted {
+                    // A relist's old objects and the commit's buffers are garbage now.
+                    crate::memory::release_free();
+                }
             }
             Ok(Err(e)) => {
                 self.commit_errors += 1;
