@@ -60,16 +60,16 @@ fn objects(services: usize, endpoints: usize) -> BTreeMap<Kind, Vec<Object>> {
                 serving: true,
                 terminating: false,
                 hostname: None,
-                node_name: Some(format!("node-{}", endpoint_no % 50)),
-                zone: Some(format!("zone-{}", endpoint_no % 3)),
+                node_name: Some(format!("node-{}", endpoint_no % 50).into()),
+                zone: Some(format!("zone-{}", endpoint_no % 3).into()),
                 hints_for_zones: vec![],
                 pod: Some(ObjectRef::new(&ns, &pod_name)),
             });
             out.entry(Kind::Pod).or_default().push(Object::Pod(model::Pod {
                 meta: ObjectRef::new(&ns, &pod_name),
                 ips: vec![address],
-                service_account: name.clone(),
-                node_name: Some(format!("node-{}", endpoint_no % 50)),
+                service_account: name.as_str().into(),
+                node_name: Some(format!("node-{}", endpoint_no % 50).into()),
                 labels: [
                     ("app".to_owned(), name.clone()),
                     ("linkerd.io/control-plane-ns".to_owned(), "linkerd".to_owned()),
@@ -81,7 +81,7 @@ fn objects(services: usize, endpoints: usize) -> BTreeMap<Kind, Vec<Object>> {
         for (chunk_no, chunk) in slice_endpoints.chunks(100).enumerate() {
             out.entry(Kind::EndpointSlice).or_default().push(Object::EndpointSlice(model::EndpointSlice {
                 meta: ObjectRef::new(&ns, format!("{name}-{chunk_no}")),
-                service: name.clone(),
+                service: name.as_str().into(),
                 ports: vec![EndpointPort {
                     name: Some("http".into()),
                     port: 8080,

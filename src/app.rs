@@ -59,6 +59,8 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     registry.register_collector(Box::new(metrics::RuntimeCollector(tokio::runtime::Handle::current())));
     let (drain_signal, drain_watch) = drain::channel();
 
+    // Loading the store builds and drops large temporaries: returned to the kernel at once.
+    let start_up = crate::memory::Bulk::start();
     // The last complete snapshot is loaded before anything serves.
     let store::Opened { writer, updates, snapshots, quarantined } =
         store::open(state_dir, config.store.flush_interval.get()).context("cannot open the store")?;
@@ -159,8 +161,7 @@ async fn serve(loaded: Loaded, workers: usize) -> anyhow::Result<()> {
     listeners_ready.open();
     readiness.wait().await;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
-    // Loading the store built and dropped temporaries on this thread: hand them back.
-    crate::memory::release_free();
+    drop(start_up);
     let snapshot = snapshots.borrow().clone();
     notifier.ready(&format!(
         "serving {} objects from {} sources; admin on {}",

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, LinkMode};
-use crate::model::{Endpoint, EndpointPort, Kind, Object, ObjectRef, ServicePort, SourceId};
+use crate::model::{Endpoint, EndpointPort, Kind, Name, Object, ObjectRef, ServicePort, SourceId};
 use crate::store::Snapshot;
 
 /// Labels that mark a pod as meshed (its identity can be asked for with mTLS).
@@ -317,10 +317,10 @@ fn resolve_endpoint(
         ready: endpoint.ready,
         serving: endpoint.serving,
         terminating: endpoint.terminating,
-        node: endpoint.node_name.clone().or_else(|| pod.and_then(|p| p.node_name.clone())),
-        zone: endpoint.zone.clone(),
-        hostname: endpoint.hostname.clone(),
-        hints_for_zones: endpoint.hints_for_zones.clone(),
+        node: endpoint.node_name.as_ref().or_else(|| pod.and_then(|p| p.node_name.as_ref())).map(Name::to_string),
+        zone: endpoint.zone.as_ref().map(Name::to_string),
+        hostname: endpoint.hostname.as_ref().map(Name::to_string),
+        hints_for_zones: endpoint.hints_for_zones.iter().map(Name::to_string).collect(),
         pod: endpoint.pod.clone(),
         identity,
     }

@@ -220,7 +220,7 @@ pub(crate) fn dns_slice(service: &str, endpoints: &[(Ipv4Addr, Option<&str>, boo
                 ready: *ready,
                 serving: *ready,
                 terminating: false,
-                hostname: hostname.map(str::to_owned),
+                hostname: hostname.map(Into::into),
                 node_name: None,
                 zone: None,
                 hints_for_zones: vec![],

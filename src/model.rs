@@ -11,6 +11,11 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+/// A name, label or other short string of the synced objects. Most are under 24 bytes and are
+/// held inline, without an allocation of their own: at tens of thousands of pods and endpoints
+/// that is most of the store's memory (BENCHMARKS.md, "Idle memory"). Encoded like `String`.
+pub type Name = compact_str::CompactString;
+
 /// Where objects come from: the local manifest folder or a named upstream cluster link.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SourceId {
@@ -111,13 +116,13 @@ impl fmt::Display for Kind {
 /// A namespaced name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Name,
+    pub name: Name,
 }
 
 impl ObjectRef {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        Self { namespace: Name::new(namespace), name: Name::new(name) }
     }
 }
 
@@ -211,11 +216,11 @@ impl fmt::Display for Protocol {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePort {
-    pub name: Option<String>,
+    pub name: Option<Name>,
     pub port: u16,
     pub target_port: TargetPort,
     pub protocol: Protocol,
-    pub app_protocol: Option<String>,
+    pub app_protocol: Option<Name>,
 }
 
 /// Where a service port sends traffic on an endpoint.
@@ -223,7 +228,7 @@ pub struct ServicePort {
 pub enum TargetPort {
     Number(u16),
     /// A named container port, resolved through the EndpointSlice's ports.
-    Name(String),
+    Name(Name),
 }
 
 /// A slice of a service's endpoints (discovery.k8s.io/v1).
@@ -231,17 +236,17 @@ pub enum TargetPort {
 pub struct EndpointSlice {
     pub meta: ObjectRef,
     /// The service this slice belongs to (label `kubernetes.io/service-name`).
-    pub service: String,
+    pub service: Name,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointPort {
-    pub name: Option<String>,
+    pub name: Option<Name>,
     pub port: u16,
     pub protocol: Protocol,
-    pub app_protocol: Option<String>,
+    pub app_protocol: Option<Name>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,11 +256,11 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub hostname: Option<String>,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    pub hostname: Option<Name>,
+    pub node_name: Option<Name>,
+    pub zone: Option<Name>,
     /// Topology hints: the zones that should consume this endpoint.
-    pub hints_for_zones: Vec<String>,
+    pub hints_for_zones: Vec<Name>,
     /// The pod behind this endpoint, if its targetRef names one.
     pub pod: Option<ObjectRef>,
 }
@@ -265,15 +270,15 @@ pub struct Endpoint {
 pub struct Pod {
     pub meta: ObjectRef,
     pub ips: Vec<IpAddr>,
-    pub service_account: String,
-    pub node_name: Option<String>,
+    pub service_account: Name,
+    pub node_name: Option<Name>,
     pub labels: Labels,
 }
 
 /// Labels as a sorted list: most pods carry a handful, and a map node per pod would cost
 /// hundreds of bytes each at 100,000 pods.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Labels(Vec<(String, String)>);
+pub struct Labels(Vec<(Name, Name)>);
 
 impl Labels {
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -285,9 +290,9 @@ impl Labels {
     }
 }
 
-impl FromIterator<(String, String)> for Labels {
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        let mut labels: Vec<(String, String)> = iter.into_iter().collect();
+impl<K: Into<Name>, V: Into<Name>> FromIterator<(K, V)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut labels: Vec<(Name, Name)> = iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         labels.sort();
         labels.dedup_by(|a, b| a.0 == b.0);
         labels.shrink_to_fit();

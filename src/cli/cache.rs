@@ -104,7 +104,7 @@ fn render_lookup(target: &str, lookup: &Lookup) -> String {
     for port in &resolved.ports {
         let target_port = match &port.target_port {
             crate::model::TargetPort::Number(n) => n.to_string(),
-            crate::model::TargetPort::Name(name) => name.clone(),
+            crate::model::TargetPort::Name(name) => name.to_string(),
         };
         let _ = writeln!(
             out,

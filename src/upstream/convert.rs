@@ -48,7 +48,7 @@ impl Ctx {
     fn object_ref(&self, meta: &ObjectMeta) -> Result<ObjectRef, Invalid> {
         let name =
             meta.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| self.invalid("metadata.name is missing"))?;
-        Ok(ObjectRef { namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_owned()), name })
+        Ok(ObjectRef::new(meta.namespace.as_deref().unwrap_or("default"), name))
     }
 
     fn port(&self, field: &str, value: i64) -> Result<u16, Invalid> {
@@ -124,15 +124,15 @@ pub fn service(svc: &core::Service) -> Result<model::Service, Invalid> {
                 }
                 Some(IntOrString::String(name)) => match name.parse::<u16>() {
                     Ok(n) if n != 0 => model::TargetPort::Number(n),
-                    _ => model::TargetPort::Name(name.clone()),
+                    _ => model::TargetPort::Name(name.into()),
                 },
             };
             Ok(model::ServicePort {
-                name: p.name.clone().filter(|n| !n.is_empty()),
+                name: p.name.as_deref().filter(|n| !n.is_empty()).map(Into::into),
                 port,
                 target_port,
                 protocol: protocol(p.protocol.as_deref()),
-                app_protocol: p.app_protocol.clone(),
+                app_protocol: p.app_protocol.as_deref().map(Into::into),
             })
         })
         .collect::<Result<Vec<_>, Invalid>>()?;
@@ -158,7 +158,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<model::
         .labels
         .as_ref()
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        .cloned()
+        .map(|name| model::Name::new(name))
         .ok_or_else(|| ctx.invalid(format!("label {SERVICE_NAME_LABEL} is missing")))?;
     let ports = slice
         .ports
@@ -168,10 +168,10 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<model::
         .filter_map(|p| p.port.map(|port| (p, port)))
         .map(|(p, port)| {
             Ok(model::EndpointPort {
-                name: p.name.clone().filter(|n| !n.is_empty()),
+                name: p.name.as_deref().filter(|n| !n.is_empty()).map(Into::into),
                 port: ctx.port("ports.port", i64::from(port))?,
                 protocol: protocol(p.protocol.as_deref()),
-                app_protocol: p.app_protocol.clone(),
+                app_protocol: p.app_protocol.as_deref().map(Into::into),
             })
         })
         .collect::<Result<Vec<_>, Invalid>>()?;
@@ -183,21 +183,21 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<model::
             // Per the API: a nil ready condition means ready; serving follows ready when unset.
             let ready = conditions.ready.unwrap_or(true);
             let pod = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
-                Some(ObjectRef::new(r.namespace.clone().unwrap_or(meta.namespace.clone()), r.name.clone()?))
+                Some(ObjectRef::new(r.namespace.as_deref().unwrap_or(&meta.namespace), r.name.as_deref()?))
             });
             Ok(model::Endpoint {
                 addresses: e.addresses.iter().map(|a| ctx.ip("endpoints.addresses", a)).collect::<Result<_, _>>()?,
                 ready,
                 serving: conditions.serving.unwrap_or(ready),
                 terminating: conditions.terminating.unwrap_or(false),
-                hostname: e.hostname.clone(),
-                node_name: e.node_name.clone(),
-                zone: e.zone.clone(),
+                hostname: e.hostname.as_deref().map(Into::into),
+                node_name: e.node_name.as_deref().map(Into::into),
+                zone: e.zone.as_deref().map(Into::into),
                 hints_for_zones: e
                     .hints
                     .as_ref()
                     .and_then(|h| h.for_zones.as_ref())
-                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                    .map(|zones| zones.iter().map(|z| z.name.as_str().into()).collect())
                     .unwrap_or_default(),
                 pod,
             })
@@ -217,15 +217,16 @@ pub fn pod(pod: &wire::Pod) -> Result<model::Pod, Invalid> {
     let service_account = pod
         .spec
         .service_account_name
-        .clone()
-        .or_else(|| pod.spec.service_account.clone())
+        .as_deref()
+        .or(pod.spec.service_account.as_deref())
         .filter(|sa| !sa.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
+        .unwrap_or("default")
+        .into();
     Ok(model::Pod {
         meta,
         ips,
         service_account,
-        node_name: pod.spec.node_name.clone(),
+        node_name: pod.spec.node_name.as_deref().map(Into::into),
         labels: pod.metadata.labels.clone().unwrap_or_default().into_iter().collect(),
     })
 }
@@ -270,7 +271,7 @@ pub fn traffic_target(target: &wire::TrafficTarget) -> Result<model::TrafficTarg
             return Err(ctx.invalid(format!("{field}.kind: {:?} is not ServiceAccount", b.kind)));
         }
         Ok(model::ServiceAccountRef {
-            namespace: b.namespace.clone().unwrap_or_else(|| meta.namespace.clone()),
+            namespace: b.namespace.clone().unwrap_or_else(|| meta.namespace.to_string()),
             name: b.name.clone(),
             port: b.port.map(|p| ctx.port(&format!("{field}.port"), p)).transpose()?,
         })
@@ -322,7 +323,7 @@ pub fn http_route(route: &wire::HttpRoute) -> Result<model::HttpRoute, Invalid> 
             Ok(model::ParentRef {
                 group: p.group.clone().unwrap_or_else(|| "gateway.networking.k8s.io".to_owned()),
                 kind: p.kind.clone().unwrap_or_else(|| "Gateway".to_owned()),
-                namespace: p.namespace.clone().unwrap_or_else(|| meta.namespace.clone()),
+                namespace: p.namespace.clone().unwrap_or_else(|| meta.namespace.to_string()),
                 name: p.name.clone(),
                 port: p.port.map(|x| ctx.port("spec.parentRefs.port", x)).transpose()?,
             })
@@ -372,7 +373,7 @@ pub fn http_route(route: &wire::HttpRoute) -> Result<model::HttpRoute, Invalid> 
                 })
                 .map(|b| {
                     Ok(model::BackendRef {
-                        namespace: b.namespace.clone().unwrap_or_else(|| meta.namespace.clone()),
+                        namespace: b.namespace.clone().unwrap_or_else(|| meta.namespace.to_string()),
                         name: b.name.clone(),
                         port: b.port.map(|p| ctx.port("backendRefs.port", p)).transpose()?,
                         weight: ctx.weight("backendRefs.weight", b.weight.unwrap_or(1))?,
