@@ -160,6 +160,7 @@ pub fn open(state_dir: &Path, flush_interval: Duration) -> Result<Opened, Error>
         generation: 1,
         dirty: Dirty::default(),
         commit_errors: 0,
+        contact_written: BTreeMap::new(),
         metrics: metrics::StoreMetrics::default(),
     };
     Ok(Opened { writer, updates: Updates(tx), snapshots, quarantined: opened.quarantined })
@@ -194,6 +195,9 @@ pub fn import(state_dir: &Path, sources: BTreeMap<SourceId, (SyncMeta, BTreeMap<
     opened.file.commit(&ops)
 }
 
+/// How stale the stored time of a source's last contact may be (seconds).
+const CONTACT_DURABLE_SECS: u64 = 60;
+
 /// What changed since the last commit.
 #[derive(Debug, Default)]
 struct Dirty {
@@ -219,6 +223,8 @@ pub struct Writer {
     generation: u64,
     dirty: Dirty,
     commit_errors: u64,
+    /// When each source's contact time was last made durable (Unix seconds).
+    contact_written: BTreeMap<SourceId, u64>,
     metrics: metrics::StoreMetrics,
 }
 
@@ -282,7 +288,7 @@ impl Writer {
     fn apply(&mut self, update: Update) {
         let now = unix_seconds(SystemTime::now());
         let source = update.source().clone();
-        if !matches!(update, Update::Forget { .. }) {
+        if !matches!(update, Update::Forget { .. } | Update::Contact { .. }) {
             self.dirty.meta.insert(source.clone());
         }
         match update {
@@ -347,10 +353,20 @@ impl Writer {
             Update::Contact { .. } => {
                 let view = self.view_mut(&source);
                 view.meta.last_contact = Some(now);
-                if view.meta.state != LinkState::Connected {
+                let connected = view.meta.state != LinkState::Connected;
+                if connected {
                     tracing::info!(%source, "source connected");
                 }
                 view.meta.state = LinkState::Connected;
+                // Sources report contact every few seconds (the manifest folder at each poll).
+                // Writing each one would sync the disk that often on a box that is otherwise
+                // idle (flash wear); the time is made durable once a minute, a change of state
+                // at once.
+                let written = self.contact_written.get(&source).copied();
+                if connected || written.is_none_or(|t| now.saturating_sub(t) >= CONTACT_DURABLE_SECS) {
+                    self.contact_written.insert(source.clone(), now);
+                    self.dirty.meta.insert(source);
+                }
             }
             Update::Failed { message, .. } => {
                 let view = self.view_mut(&source);

@@ -189,3 +189,35 @@ fn the_store_file_is_private_to_its_owner() {
     let mode = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "store holds the issuer key: mode {mode:o}");
 }
+
+#[tokio::test]
+async fn repeated_contact_does_not_write_the_disk_each_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened = open(dir.path(), Duration::from_millis(20)).expect("open store");
+    let commits = opened.writer.metrics().commits.clone();
+    let (signal, watch) = drain::channel();
+    let writer = tokio::spawn(opened.writer.run(watch));
+    let east = link("east");
+    let settle = || tokio::time::sleep(Duration::from_millis(120));
+
+    opened.updates.send(Update::Contact { source: east.clone() }).await.expect("send");
+    settle().await;
+    let after_first = commits.get();
+    assert!(after_first >= 1, "the first contact (a change of state) is written");
+
+    for _ in 0..5 {
+        opened.updates.send(Update::Contact { source: east.clone() }).await.expect("send");
+        settle().await;
+    }
+    assert_eq!(commits.get(), after_first, "contact alone within a minute is not written again");
+    let state = opened.snapshots.borrow().source(&east).map(|v| v.meta.state);
+    assert_eq!(state, Some(LinkState::Connected));
+
+    opened.updates.send(Update::Failed { source: east.clone(), message: "gone".into() }).await.expect("send");
+    opened.updates.send(Update::Contact { source: east.clone() }).await.expect("send");
+    settle().await;
+    assert!(commits.get() > after_first, "a change of state is written at once");
+
+    tokio::time::timeout(Duration::from_secs(10), signal.drain()).await.expect("writer drains");
+    writer.await.expect("writer task");
+}
