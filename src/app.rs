@@ -27,12 +27,18 @@ use crate::{discovery, drain, identity, metrics, proxy};
 /// Runs the daemon until SIGTERM or SIGINT, then drains.
 pub fn run(loaded: Loaded) -> anyhow::Result<()> {
     let workers = loaded.config.runtime.workers.count();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("meshkeep-worker")
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // One worker: everything on this thread, without the work-stealing scheduler's
+    // cross-thread bookkeeping (BENCHMARKS.md, "Per core").
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+    };
+    let runtime =
+        builder.thread_name("meshkeep-worker").enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(serve(loaded, workers))
 }
 

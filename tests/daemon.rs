@@ -79,6 +79,13 @@ fn runtime_uses_the_configured_number_of_workers() {
         .filter(|comm| comm.trim() == "meshkeep-worker")
         .count();
     assert!(named >= 3, "{named} worker threads\n{}", daemon.log());
+    drop(daemon);
+
+    // One worker: the whole daemon runs on its main thread (a current-thread runtime).
+    let daemon = Daemon::start("[runtime]\nworkers = 1\n");
+    let (status, metrics) = daemon.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("meshkeep_runtime_workers 1\n"), "{metrics}");
 }
 
 #[test]

@@ -138,6 +138,24 @@ fn http1_and_http2_cross_two_boxes_and_are_counted() {
 }
 
 #[test]
+fn boxes_with_one_worker_carry_http_and_tcp() {
+    // One worker runs the whole daemon on one thread (a current-thread runtime).
+    let setup = Setup { tables: "[runtime]\nworkers = 1\n", ..Setup::default() };
+    let boxes = two_boxes_custom(http_backend(), &setup);
+    let (_, metrics) = boxes.a.get("/metrics");
+    assert!(metrics.contains("meshkeep_runtime_workers 1\n"), "{metrics}");
+    let url = format!("http://{}/one", boxes.listener);
+    for _ in 0..20 {
+        let http1 = curl(&["--http1.1", "-H", "Host: echo.shop", "--data-binary", "one thread", &url]);
+        assert!(http1.starts_with("HTTP/1.1 200") && http1.ends_with("one thread"), "{http1}");
+        let http2 = curl(&["--http2-prior-knowledge", "--data-binary", "one thread", &url]);
+        assert!(http2.starts_with("HTTP/2 200") && http2.ends_with("one thread"), "{http2}");
+    }
+    let inbound = metric(&boxes.b, "request_total{direction=\"inbound\"");
+    assert_eq!(inbound, 40.0, "box B served every request");
+}
+
+#[test]
 fn certificate_rotation_keeps_established_connections_and_new_ones_use_the_new_certificate() {
     let boxes = two_boxes_with(echo_server(), Some("echo"), "certificate_lifetime = \"4s\"\nclock_skew = \"0s\"\n");
     let mut stream = TcpStream::connect(boxes.listener).unwrap();
