@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -452,7 +453,7 @@ where
         .map(str::to_owned)
         .or_else(|| parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| labels.authority.clone());
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let path = path_of(&parts.uri);
     let retry = RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method);
     // A retryable request's body is kept for replay up to the limit (a body announced as longer
     // is streamed at once); a client that trickles its body is held to the response deadline.
@@ -531,7 +532,7 @@ where
             }
         };
     };
-    proxy.http.record(&labels, (&parts.method, &path), response.status(), started);
+    proxy.http.record(&labels, (&parts.method, path.as_str()), response.status(), started);
     response
 }
 
@@ -552,8 +553,18 @@ fn version_name(version: Version) -> &'static str {
     }
 }
 
-fn absolute(authority: &str, path: &str) -> Uri {
-    format!("http://{authority}{path}").parse().unwrap_or_else(|_| Uri::from_static("http://invalid/"))
+/// The request's path and query as received (`/` when it has none).
+fn path_of(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
+/// `path` at `authority` over plain HTTP. The path is shared, not parsed again.
+fn absolute(authority: &str, path: &PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Authority::try_from(authority).ok();
+    parts.path_and_query = Some(path.clone());
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"))
 }
 
 /// Sends over the pooled HTTP/2 connection to a peer, opening it (mTLS + header) if needed.
@@ -702,7 +713,7 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     }
     proxy.authz.http_allow.get_or_create(&authz_labels).inc();
     let (mut parts, body) = request.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let path = path_of(&parts.uri);
     let method = parts.method.clone();
     let target = SocketAddr::new(proxy.inbound_target, port);
     parts.uri = absolute(&target.to_string(), &path);
@@ -721,6 +732,6 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
             empty_with(StatusCode::BAD_GATEWAY, &reason)
         }
     };
-    proxy.http.record(&labels, (&method, &path), response.status(), started);
+    proxy.http.record(&labels, (&method, path.as_str()), response.status(), started);
     response
 }
