@@ -305,7 +305,7 @@ impl Writer {
                     }
                     Some(ns) => {
                         let current = Arc::make_mut(view.kinds.entry(kind).or_default());
-                        current.retain(|key, _| &key.namespace != ns);
+                        current.retain(|key, _| key.namespace != ns);
                         current.extend(fresh);
                     }
                 }
