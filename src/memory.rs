@@ -6,11 +6,14 @@
 //! of its heaps. On an idle box that is most of the difference between what it holds and what
 //! it uses (BENCHMARKS.md, "Idle memory").
 
-/// Returns free memory to the kernel now. Costs a walk over the allocator's free pages (well
-/// under a millisecond on an idle box); call it after bulk work, not per request.
+/// Returns free memory to the kernel now: what the calling thread freed (mimalloc keeps free
+/// pages per thread) and, process-wide, what the allocator had set aside to purge later. Costs
+/// a walk over the allocator's free pages; call it after bulk work, on the thread that did it,
+/// not per request.
 pub fn release_free() {
     #[cfg(target_env = "musl")]
-    // SAFETY: mi_collect only walks mimalloc's own state and may be called from any thread.
+    // SAFETY: mi_collect takes no pointers and only walks mimalloc's own state; it may be called
+    // from any thread.
     unsafe {
         libmimalloc_sys::mi_collect(true);
     }
@@ -24,7 +27,9 @@ pub fn release_free() {
 /// While alive, memory freed is returned to the kernel at once instead of after mimalloc's
 /// purge delay; dropping it releases what is free and restores the delay. For start-up, where
 /// everything loaded is built once and its temporaries are never needed again. Purging at once
-/// costs a system call per freed page, so the request path runs with the delay.
+/// costs a system call per freed page, so the request path runs with the delay. One at a time:
+/// the guard restores the delay it found.
+#[must_use = "the purge delay is restored when the guard is dropped"]
 pub struct Bulk {
     #[cfg(target_env = "musl")]
     purge_delay: std::ffi::c_long,
@@ -37,7 +42,8 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 impl Bulk {
     pub fn start() -> Self {
         #[cfg(target_env = "musl")]
-        // SAFETY: reading and setting an option of mimalloc's is allowed from any thread.
+        // SAFETY: plain integer options, no pointers. mimalloc does not synchronise option
+        // writes; this runs at start-up, before the listeners exist.
         unsafe {
             let purge_delay = libmimalloc_sys::mi_option_get(PURGE_DELAY);
             libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);

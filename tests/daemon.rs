@@ -81,7 +81,7 @@ fn runtime_uses_the_configured_number_of_workers() {
     assert!(named >= 3, "{named} worker threads\n{}", daemon.log());
     drop(daemon);
 
-    // One worker: the whole daemon runs on its main thread (a current-thread runtime).
+    // One worker: a current-thread runtime, which reports one worker.
     let daemon = Daemon::start("[runtime]\nworkers = 1\n");
     let (status, metrics) = daemon.get("/metrics");
     assert_eq!(status, 200);

@@ -138,8 +138,8 @@ fn http1_and_http2_cross_two_boxes_and_are_counted() {
 }
 
 #[test]
-fn boxes_with_one_worker_carry_http_and_tcp() {
-    // One worker runs the whole daemon on one thread (a current-thread runtime).
+fn boxes_with_one_worker_carry_http() {
+    // One worker: a current-thread runtime (blocking work still has its own pool).
     let setup = Setup { tables: "[runtime]\nworkers = 1\n", ..Setup::default() };
     let boxes = two_boxes_custom(http_backend(), &setup);
     let (_, metrics) = boxes.a.get("/metrics");

@@ -275,7 +275,7 @@ impl StoreFile {
 /// snapshot lives in memory anyway, so the cache only needs to serve commits; every page read
 /// at boot stayed cached up to this size (2 MiB of idle memory with 1,000 services at 8 MiB).
 /// Commits read what they change through the kernel's page cache: a 10,000-service relist
-/// commits in the same time with 128 KiB as with 8 MiB (BENCHMARKS.md).
+/// committed in about the same time with 128 KiB, 512 KiB and 8 MiB (BENCHMARKS.md).
 const CACHE_BYTES: usize = 128 * 1024;
 
 fn builder() -> redb::Builder {

@@ -195,8 +195,8 @@ pub fn import(state_dir: &Path, sources: BTreeMap<SourceId, (SyncMeta, BTreeMap<
     opened.file.commit(&ops)
 }
 
-/// How stale the stored time of a source's last contact may be (seconds).
-const CONTACT_DURABLE_SECS: u64 = 60;
+/// How stale the stored time of a source's last contact may be.
+const CONTACT_DURABLE: Duration = Duration::from_secs(60);
 
 /// What changed since the last commit.
 #[derive(Debug, Default)]
@@ -223,8 +223,8 @@ pub struct Writer {
     generation: u64,
     dirty: Dirty,
     commit_errors: u64,
-    /// When each source's contact time was last made durable (Unix seconds).
-    contact_written: BTreeMap<SourceId, u64>,
+    /// When each source's contact time was last marked to be made durable.
+    contact_written: BTreeMap<SourceId, std::time::Instant>,
     metrics: metrics::StoreMetrics,
 }
 
@@ -353,18 +353,18 @@ impl Writer {
             Update::Contact { .. } => {
                 let view = self.view_mut(&source);
                 view.meta.last_contact = Some(now);
-                let connected = view.meta.state != LinkState::Connected;
-                if connected {
+                let newly_connected = view.meta.state != LinkState::Connected;
+                if newly_connected {
                     tracing::info!(%source, "source connected");
                 }
                 view.meta.state = LinkState::Connected;
                 // Sources report contact every few seconds (the manifest folder at each poll).
                 // Writing each one would sync the disk that often on a box that is otherwise
-                // idle (flash wear); the time is made durable once a minute, a change of state
-                // at once.
-                let written = self.contact_written.get(&source).copied();
-                if connected || written.is_none_or(|t| now.saturating_sub(t) >= CONTACT_DURABLE_SECS) {
-                    self.contact_written.insert(source.clone(), now);
+                // idle (flash wear); the time is made durable once a minute (by the monotonic
+                // clock: wall-clock steps are expected here), a change of state at once.
+                let written = self.contact_written.get(&source);
+                if newly_connected || written.is_none_or(|t| t.elapsed() >= CONTACT_DURABLE) {
+                    self.contact_written.insert(source.clone(), std::time::Instant::now());
                     self.dirty.meta.insert(source);
                 }
             }
@@ -383,6 +383,7 @@ impl Writer {
                 view.meta.last_error_at = Some(now);
             }
             Update::Forget { .. } => {
+                self.contact_written.remove(&source);
                 if self.sources.remove(&source).is_some() {
                     tracing::info!(%source, "source no longer configured; its data is dropped");
                 }
@@ -414,18 +415,24 @@ impl Writer {
         }
         let dirty = std::mem::take(&mut self.dirty);
         let ops = self.ops(&dirty);
-        let relisted = !dirty.replaced.is_empty();
         let file = self.file.clone();
         let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || file.commit(&ops)).await;
+        let relisted = !dirty.replaced.is_empty();
+        let result = tokio::task::spawn_blocking(move || {
+            let result = file.commit(&ops);
+            drop(ops);
+            if relisted {
+                // A relist's old objects and the commit's buffers are garbage now; this thread
+                // did the commit's allocations (and the hand-back never stalls the runtime).
+                crate::memory::release_free();
+            }
+            result
+        })
+        .await;
         match result {
             Ok(Ok(())) => {
                 tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "store committed");
                 self.metrics.commits.inc();
-                if relisted {
-                    // A relist's old objects and the commit's buffers are garbage now.
-                    crate::memory::release_free();
-                }
             }
             Ok(Err(e)) => {
                 self.commit_errors += 1;

@@ -158,7 +158,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<model::
         .labels
         .as_ref()
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        .map(|name| model::Name::new(name))
+        .map(model::Name::new)
         .ok_or_else(|| ctx.invalid(format!("label {SERVICE_NAME_LABEL} is missing")))?;
     let ports = slice
         .ports
