@@ -28,7 +28,7 @@ use crate::{discovery, drain, identity, metrics, proxy};
 pub fn run(loaded: Loaded) -> anyhow::Result<()> {
     let workers = loaded.config.runtime.workers.count();
     // One worker: everything on this thread, without the work-stealing scheduler's
-    // cross-thread bookkeeping (BENCHMARKS.md, "Per core").
+    // cross-thread bookkeeping (BENCHMARKS.md, "Again, with the build that ships").
     let mut builder = match workers {
         1 => tokio::runtime::Builder::new_current_thread(),
         _ => {

@@ -422,8 +422,9 @@ impl Writer {
             let result = file.commit(&ops);
             drop(ops);
             if relisted {
-                // A relist's old objects and the commit's buffers are garbage now; this thread
-                // did the commit's allocations (and the hand-back never stalls the runtime).
+                // The commit's buffers were allocated on this thread and are garbage now; the
+                // collection also purges what the allocator set aside process-wide (such as
+                // pages emptied by the relist's old objects). Here it never stalls the runtime.
                 crate::memory::release_free();
             }
             result
