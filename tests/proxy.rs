@@ -5,6 +5,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::mesh::*;
@@ -172,4 +174,66 @@ fn certificate_rotation_keeps_established_connections_and_new_ones_use_the_new_c
     boxes.b.wait_for("B rotated twice", Duration::from_secs(30), |d| rotations(d) >= 3);
     echo(&mut stream, b"after rotation, same connection");
     assert_eq!(round_trip(boxes.listener, b"a new connection").unwrap(), b"a new connection");
+}
+
+/// An HTTP/1.1 backend written by hand, answering `200 ok` to each request head. It counts the
+/// connections it accepts and, given `per_connection`, closes each connection after that many
+/// responses without announcing it (as a server whose keep-alive timeout has just run out).
+fn counting_backend(per_connection: Option<usize>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut answered = 0;
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                while per_connection.is_none_or(|limit| answered < limit) {
+                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    pending.drain(..end + 4);
+                    if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").is_err() {
+                        return;
+                    }
+                    answered += 1;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn box_b_keeps_connections_to_its_backend_alive_and_drops_the_ones_it_closed() {
+    let (backend, accepted) = counting_backend(None);
+    let boxes = two_boxes_to(backend, Some("echo"));
+    let url = format!("http://{}/kept", boxes.listener);
+    for _ in 0..20 {
+        let response = curl(&["--http1.1", "-H", "Host: echo.shop", &url]);
+        assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("ok"), "{response}");
+    }
+    let opened = accepted.load(Ordering::SeqCst);
+    assert!(opened <= 2, "20 requests one after another took {opened} backend connections");
+
+    // A backend that closes every connection after one response: none of them is used again,
+    // and every request is answered.
+    let (backend, accepted) = counting_backend(Some(1));
+    let boxes = two_boxes_to(backend, Some("echo"));
+    let url = format!("http://{}/closed", boxes.listener);
+    for _ in 0..20 {
+        let response = curl(&["--http1.1", "-H", "Host: echo.shop", &url]);
+        assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("ok"), "{response}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20, "a connection per response");
+    let inbound = metric(&boxes.b, "request_total{direction=\"inbound\"");
+    assert_eq!(inbound, 20.0, "no request failed and was retried");
 }

@@ -20,8 +20,6 @@ use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -99,6 +97,65 @@ pub struct HttpMetrics {
     latency: Family<RequestLabels, Histogram>,
     retries: Family<RetryLabels, Counter>,
     pub golden: Arc<super::stats::Golden>,
+    /// Each service's metrics, found by borrowed labels: a request allocates nothing to count.
+    services: Arc<std::sync::Mutex<hashbrown::HashMap<RequestLabels, Arc<ServiceMetrics>>>>,
+}
+
+/// `RequestLabels` borrowed from a request; hashes as the labels it equals (fields in order).
+#[derive(Hash)]
+struct LabelsRef<'a>(&'static str, &'a str, &'static str);
+
+impl hashbrown::Equivalent<RequestLabels> for LabelsRef<'_> {
+    fn equivalent(&self, labels: &RequestLabels) -> bool {
+        self.0 == labels.direction && self.1 == labels.authority && self.2 == labels.tls
+    }
+}
+
+/// One service's metrics in one direction, found once per request. The counters are the
+/// families' own (shared), so the response is recorded without another lookup.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    labels: RequestLabels,
+    latency: Histogram,
+    /// Response counters by status code, as they are first seen (a handful per service).
+    responses: std::sync::Mutex<Vec<(u16, Counter)>>,
+    family: Family<ResponseLabels, Counter>,
+    golden: Arc<super::stats::Golden>,
+}
+
+impl ServiceMetrics {
+    /// The service the request was counted under.
+    pub fn authority(&self) -> &str {
+        &self.labels.authority
+    }
+
+    fn record(&self, route: (&Method, &str), status: StatusCode, started: Instant) {
+        let code = status.as_u16();
+        let failure = status.is_server_error();
+        {
+            let mut responses = self.responses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let counter = match responses.iter().position(|(c, _)| *c == code) {
+                Some(i) => &responses[i].1,
+                None => {
+                    let labels = ResponseLabels {
+                        direction: self.labels.direction,
+                        authority: self.labels.authority.clone(),
+                        tls: self.labels.tls,
+                        status_code: code,
+                        classification: if failure { "failure" } else { "success" },
+                    };
+                    let counter = self.family.get_or_create(&labels).clone();
+                    responses.push((code, counter));
+                    &responses[responses.len() - 1].1
+                }
+            };
+            counter.inc();
+        }
+        let elapsed = started.elapsed();
+        self.latency.observe(elapsed.as_secs_f64() * 1000.0);
+        let labels = &self.labels;
+        self.golden.record(labels.direction, &labels.authority, route.0.as_str(), route.1, failure, elapsed);
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,6 +178,7 @@ impl Default for HttpMetrics {
             latency: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
             retries: Family::default(),
             golden: Arc::default(),
+            services: Arc::default(),
         }
     }
 }
@@ -137,21 +195,28 @@ impl HttpMetrics {
         self.retries.get_or_create(&RetryLabels { authority: authority.to_owned(), result }).inc();
     }
 
-    fn record(&self, labels: &RequestLabels, route: (&Method, &str), status: StatusCode, started: Instant) {
-        let failure = status.is_server_error();
-        let classification = if failure { "failure" } else { "success" };
-        self.responses
-            .get_or_create(&ResponseLabels {
-                direction: labels.direction,
-                authority: labels.authority.clone(),
-                tls: labels.tls,
-                status_code: status.as_u16(),
-                classification,
-            })
-            .inc();
-        let elapsed = started.elapsed();
-        self.latency.get_or_create(labels).observe(elapsed.as_secs_f64() * 1000.0);
-        self.golden.record(labels.direction, &labels.authority, route.0.as_str(), route.1, failure, elapsed);
+    /// Counts a request for `authority`; its response is recorded on what this returns.
+    fn request(&self, direction: &'static str, authority: &str, tls: &'static str) -> Arc<ServiceMetrics> {
+        let service = {
+            let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match services.get(&LabelsRef(direction, authority, tls)) {
+                Some(service) => Arc::clone(service),
+                None => {
+                    let labels = RequestLabels { direction, authority: authority.to_owned(), tls };
+                    let service = Arc::new(ServiceMetrics {
+                        latency: self.latency.get_or_create(&labels).clone(),
+                        labels: labels.clone(),
+                        responses: std::sync::Mutex::default(),
+                        family: self.responses.clone(),
+                        golden: Arc::clone(&self.golden),
+                    });
+                    services.insert(labels, Arc::clone(&service));
+                    service
+                }
+            }
+        };
+        self.requests.get_or_create(&service.labels).inc();
+        service
     }
 }
 
@@ -169,35 +234,6 @@ type PeerSlot = Arc<Mutex<Option<SendRequest<Body>>>>;
 impl std::fmt::Debug for PeerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerPool").finish_non_exhaustive()
-    }
-}
-
-/// Plain HTTP clients for unmeshed and unknown destinations.
-#[derive(Debug, Clone)]
-pub struct PlainClients {
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
-}
-
-impl PlainClients {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(3)));
-        let http1 = Client::builder(TokioExecutor::new()).pool_timer(TokioTimer::new()).build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
-        Self { http1, http2 }
-    }
-
-    async fn send(&self, version: Version, request: Request<Body>) -> Result<Response<Incoming>, String> {
-        let client = if version == Version::HTTP_2 { &self.http2 } else { &self.http1 };
-        client.request(request).await.map_err(|e| e.to_string())
-    }
-}
-
-impl Default for PlainClients {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -433,15 +469,13 @@ where
         Err(refused) => {
             // Counted like any answer: under the service when it was known, else `unknown`.
             let authority = refused.authority.unwrap_or_else(|| "unknown".to_owned());
-            let labels = RequestLabels { direction: "outbound", authority, tls: "no_identity" };
-            proxy.http.requests.get_or_create(&labels).inc();
+            let metrics = proxy.http.request("outbound", &authority, "no_identity");
             let response = route_error(proxy, &refused.error);
-            proxy.http.record(&labels, (&parts.method, parts.uri.path()), response.status(), started);
+            metrics.record((&parts.method, parts.uri.path()), response.status(), started);
             return response;
         }
     };
-    let labels = RequestLabels { direction: "outbound", authority: routed.authority.clone(), tls: routed.route.tls() };
-    proxy.http.requests.get_or_create(&labels).inc();
+    let metrics = proxy.http.request("outbound", &routed.authority, routed.route.tls());
     let policy = proxy.traffic_for(&routed.authority);
     // Until the response headers, over all tries.
     let deadline = tokio::time::Instant::now() + routed.timeout.unwrap_or(policy.response_timeout);
@@ -452,7 +486,7 @@ where
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
         .or_else(|| parts.uri.authority().map(ToString::to_string))
-        .unwrap_or_else(|| labels.authority.clone());
+        .unwrap_or_else(|| metrics.authority().to_owned());
     let path = path_of(&parts.uri);
     let retry = RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method);
     // A retryable request's body is kept for replay up to the limit (a body announced as longer
@@ -495,8 +529,9 @@ where
                 {
                     headers.insert(http::header::HOST, value);
                 }
-                let request = build(&parts.method, absolute(&addr.to_string(), &path), version, headers, body.take());
-                tokio::time::timeout(timeout, proxy.plain.send(version, request)).await
+                let uri = Uri::from(path.clone());
+                let request = build(&parts.method, uri, version, headers, body.take());
+                tokio::time::timeout(timeout, proxy.plain.send(*addr, version, request)).await
             }
         };
         let result = match attempt {
@@ -512,16 +547,16 @@ where
         // than the route's backoff.
         let time_left = deadline > tokio::time::Instant::now() + retry.backoff;
         if retry.retries(&result) && body.replayable() && retries < retry.max && time_left {
-            if proxy.budget.withdraw(&labels.authority) {
+            if proxy.budget.withdraw(metrics.authority()) {
                 tokio::time::sleep(retry.backoff).await;
                 if let Ok(next) = route(proxy, &info) {
                     retries += 1;
-                    proxy.http.retried(&labels.authority, "retried");
+                    proxy.http.retried(metrics.authority(), "retried");
                     routed = next;
                     continue;
                 }
             } else {
-                proxy.http.retried(&labels.authority, "budget_exhausted");
+                proxy.http.retried(metrics.authority(), "budget_exhausted");
             }
         }
         break match result {
@@ -532,7 +567,7 @@ where
             }
         };
     };
-    proxy.http.record(&labels, (&parts.method, path.as_str()), response.status(), started);
+    metrics.record((&parts.method, path.as_str()), response.status(), started);
     response
 }
 
@@ -693,8 +728,7 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let label = peer.authority.as_str();
     let (port, version) = take_markers(request.headers_mut(), peer.default_port);
     let authority = request.uri().authority().map(ToString::to_string).unwrap_or_default();
-    let labels = RequestLabels { direction: "inbound", authority: label.to_owned(), tls: "true" };
-    proxy.http.requests.get_or_create(&labels).inc();
+    let metrics = proxy.http.request("inbound", label, "true");
     let info = RequestInfo {
         method: request.method().as_str(),
         path: request.uri().path(),
@@ -708,7 +742,7 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
         let reason = verdict.reason.unwrap_or_else(|| "denied".into());
         let response = empty_with(StatusCode::FORBIDDEN, &format!("forbidden: {reason}"));
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-        proxy.http.record(&labels, (&method, &path), response.status(), started);
+        metrics.record((&method, &path), response.status(), started);
         return response;
     }
     proxy.authz.http_allow.get_or_create(&authz_labels).inc();
@@ -716,7 +750,7 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let path = path_of(&parts.uri);
     let method = parts.method.clone();
     let target = SocketAddr::new(proxy.inbound_target, port);
-    parts.uri = absolute(&target.to_string(), &path);
+    parts.uri = Uri::from(path.clone());
     if version != Version::HTTP_2
         && !parts.headers.contains_key(http::header::HOST)
         && !authority.is_empty()
@@ -725,13 +759,13 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
         parts.headers.insert(http::header::HOST, value);
     }
     parts.version = if version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let response = match proxy.plain.send(version, Request::from_parts(parts, boxed(body))).await {
+    let response = match proxy.plain.send(target, version, Request::from_parts(parts, boxed(body))).await {
         Ok(response) => response.map(boxed),
         Err(reason) => {
             proxy.metrics.error("inbound", "http");
             empty_with(StatusCode::BAD_GATEWAY, &reason)
         }
     };
-    proxy.http.record(&labels, (&method, path.as_str()), response.status(), started);
+    metrics.record((&method, path.as_str()), response.status(), started);
     response
 }

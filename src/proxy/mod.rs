@@ -16,6 +16,7 @@ mod inbound;
 pub mod metrics;
 mod orig_dst;
 mod outbound;
+mod plain;
 pub mod retry;
 pub mod stats;
 pub mod tcp;
@@ -87,7 +88,7 @@ pub struct Proxy {
     pub local_workload: (String, String),
     pub authz: metrics::AuthzMetrics,
     peers: http::PeerPool,
-    plain: http::PlainClients,
+    plain: plain::PlainClients,
 }
 
 /// The traffic settings for one service: `[traffic]` with its per-service overrides applied.
@@ -140,7 +141,7 @@ impl Proxy {
             local_workload: (full.identity.proxy.namespace.clone(), full.identity.proxy.service_account.clone()),
             authz: metrics::AuthzMetrics::default(),
             peers: http::PeerPool::default(),
-            plain: http::PlainClients::new(),
+            plain: plain::PlainClients::new(config.connect_timeout.get()),
         }
     }
 

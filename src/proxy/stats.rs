@@ -2,8 +2,9 @@
 //! second and latency percentiles. The dashboard, `meshkeep stat` and `meshkeep top` read them
 //! from the admin endpoint; Prometheus gets the cumulative counters from `http.rs`.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
+
+use hashbrown::{Equivalent, HashMap};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -103,19 +104,46 @@ fn percentile(buckets: &[u64], quantile: f64) -> Option<f64> {
     BOUNDS_MS.last().copied()
 }
 
-type Key = (&'static str, String, Option<String>);
+/// Direction, authority, and for a route its method and path.
+type Key = (&'static str, String, Option<(String, String)>);
+
+/// A `Key` borrowed from a request, to look one up without allocating. It hashes as the `Key`
+/// it equals does: tuples, options and strings hash their parts in order.
+#[derive(Hash)]
+struct Lookup<'a>(&'static str, &'a str, Option<(&'a str, &'a str)>);
+
+impl Equivalent<Key> for Lookup<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.0 == key.0
+            && self.1 == key.1
+            && match (self.2, &key.2) {
+                (None, None) => true,
+                (Some((method, path)), Some((m, p))) => method == m && path == p,
+                _ => false,
+            }
+    }
+}
+
+impl Lookup<'_> {
+    fn to_key(&self) -> Key {
+        (self.0, self.1.to_owned(), self.2.map(|(method, path)| (method.to_owned(), path.to_owned())))
+    }
+}
 
 /// Records into `map`, which keeps at most `MAX_ROUTES` keys: the least recently seen one
 /// makes room (inbound authorities come from peers, so no map may grow without bound).
-fn record_bounded(map: &Mutex<HashMap<Key, Window>>, key: Key, epoch: u64, failure: bool, ms: f64) {
+fn record_bounded(map: &Mutex<HashMap<Key, Window>>, key: Lookup<'_>, epoch: u64, failure: bool, ms: f64) {
     let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-    if !map.contains_key(&key)
-        && map.len() >= MAX_ROUTES
+    if let Some(window) = map.get_mut(&key) {
+        window.record(epoch, failure, ms);
+        return;
+    }
+    if map.len() >= MAX_ROUTES
         && let Some(oldest) = map.iter().min_by_key(|(_, w)| w.last_seen).map(|(k, _)| k.clone())
     {
         map.remove(&oldest);
     }
-    map.entry(key).or_default().record(epoch, failure, ms);
+    map.entry(key.to_key()).or_default().record(epoch, failure, ms);
 }
 
 /// The sliding windows of every service and route.
@@ -150,14 +178,13 @@ impl Golden {
     ) {
         let epoch = self.epoch();
         let ms = latency.as_secs_f64() * 1000.0;
-        record_bounded(&self.services, (direction, authority.to_owned(), None), epoch, failure, ms);
+        record_bounded(&self.services, Lookup(direction, authority, None), epoch, failure, ms);
         let path = path.split('?').next().unwrap_or("/");
         let path = match path.char_indices().nth(MAX_PATH) {
             Some((cut, _)) => &path[..cut],
             None => path,
         };
-        let key = (direction, authority.to_owned(), Some(format!("{method} {path}")));
-        record_bounded(&self.routes, key, epoch, failure, ms);
+        record_bounded(&self.routes, Lookup(direction, authority, Some((method, path))), epoch, failure, ms);
     }
 
     /// Per-service rows, busiest first.
@@ -186,7 +213,7 @@ impl Golden {
                 (total.requests > 0).then(|| Row {
                     direction: (*direction).to_owned(),
                     authority: authority.clone(),
-                    route: route.clone(),
+                    route: route.as_ref().map(|(method, path)| format!("{method} {path}")),
                     requests: total.requests,
                     requests_per_second: total.requests as f64 / covered,
                     success_rate: Some(1.0 - total.failures as f64 / total.requests as f64),
@@ -242,6 +269,18 @@ mod tests {
         }
         assert_eq!(golden.routes().len(), MAX_ROUTES);
         assert_eq!(golden.services().len(), 1);
+    }
+
+    #[test]
+    fn a_borrowed_lookup_finds_its_key() {
+        let mut map: HashMap<Key, Window> = HashMap::new();
+        for lookup in [Lookup("outbound", "web.shop:80", None), Lookup("outbound", "web.shop:80", Some(("GET", "/a")))]
+        {
+            map.insert(lookup.to_key(), Window::default());
+            assert!(map.get(&lookup).is_some(), "found without allocating");
+        }
+        assert!(map.get(&Lookup("inbound", "web.shop:80", None)).is_none());
+        assert!(map.get(&Lookup("outbound", "web.shop:80", Some(("GET", "/b")))).is_none());
     }
 
     #[test]
