@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# User-space instructions per request on box A and box B, counted by callgrind: unlike requests/s
+# on a shared machine, the count hardly moves between runs, so it tells two builds apart where
+# throughput runs overlap (BENCHMARKS.md, "Instructions per request").
+#
+#   bash scripts/bench-instructions.sh [BINARY] [REQUESTS]
+#
+# BINARY: the meshkeep build to measure (default: the static musl release, built if missing);
+# REQUESTS: per protocol (default 4000). Installs valgrind and oha if missing. The benchmark
+# harness (benches/proxy.rs) starts and warms the boxes under callgrind and holds them; this
+# script zeroes the counters, sends the requests (HTTP/1.1 on 4 connections, then HTTP/2 with 8
+# streams on one), dumps the counters and divides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+command -v valgrind >/dev/null || apt_install valgrind
+command -v oha >/dev/null || cargo install oha --locked --version 1.16.0
+BINARY=${1:-}
+if [ -z "$BINARY" ]; then
+    BINARY=target/x86_64-unknown-linux-musl/release/meshkeep
+    [ -x "$BINARY" ] || cargo zigbuild --locked --release --target x86_64-unknown-linux-musl
+fi
+BINARY=$(realpath "$BINARY")
+REQUESTS=${2:-4000}
+
+WORK=$(mktemp -d)
+trap 'kill $(cat "$WORK/pids" 2>/dev/null) $HARNESS 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# The harness runs this wrapper as meshkeep: `run` goes under callgrind, other commands do not.
+cat > "$WORK/meshkeep" <<EOF
+#!/bin/sh
+for arg in "\$@"; do
+    if [ "\$arg" = run ]; then
+        exec valgrind --tool=callgrind --callgrind-out-file="$WORK/%p.out" --log-file="$WORK/%p.log" "$BINARY" "\$@"
+    fi
+done
+exec "$BINARY" "\$@"
+EOF
+chmod +x "$WORK/meshkeep"
+
+cargo bench --locked --bench proxy --no-run 2>/dev/null
+HARNESS_BIN=$(ls -t target/release/deps/proxy-* | grep -v '\.d$' | head -1)
+MESHKEEP_BINARY="$WORK/meshkeep" MESHKEEP_BENCH_CONTENDERS=meshkeep MESHKEEP_BENCH_HOLD=900 \
+    "$HARNESS_BIN" > "$WORK/hold.log" 2>&1 &
+HARNESS=$!
+for _ in $(seq 1 180); do grep -q '^direct:' "$WORK/hold.log" && break; sleep 1; done
+grep -q '^direct:' "$WORK/hold.log" || { cat "$WORK/hold.log"; echo "the boxes did not come up" >&2; exit 1; }
+URL=$(awk '/^meshkeep:/ {print $2}' "$WORK/hold.log")
+PIDS=$(sed -n 's/^meshkeep:.*pids \[\(.*\)\])/\1/p' "$WORK/hold.log" | tr -d ',')
+echo "$PIDS" > "$WORK/pids"
+PORT=${URL##*:}; PORT=${PORT%/}
+BOX_A=$(ss -ltnpH "sport = :$PORT" | sed 's/.*pid=\([0-9]*\).*/\1/')
+
+# measure LABEL OHA-ARGS...: instructions per request on A, and on the box B that served it
+# (of the other instances, the one that ran more than 1,000 instructions per request).
+measure() {
+    local label=$1; shift
+    for pid in $PIDS; do callgrind_control --zero "$pid" >/dev/null; done
+    oha --no-tui -n "$REQUESTS" "$@" "$URL" | grep -q 'Success rate:.*100.00%' || echo "$label: some requests failed" >&2
+    for pid in $PIDS; do callgrind_control --dump "$pid" >/dev/null; done
+    sleep 1
+    local a=0 b=0 count
+    for pid in $PIDS; do
+        count=$(awk '/^summary:/ {print $2}' "$(ls -t "$WORK/$pid.out."* | head -1)")
+        if [ "$pid" = "$BOX_A" ]; then a=$count; elif [ "$count" -gt $((REQUESTS * 1000)) ]; then b=$count; fi
+    done
+    printf '%-9s A %6d  B %6d instructions per request\n' "$label" $((a / REQUESTS)) $((b / REQUESTS))
+}
+echo "$BINARY, $REQUESTS requests per protocol"
+measure HTTP/1.1 -c 4
+measure HTTP/2 -c 1 --http2 -p 8
