@@ -55,9 +55,9 @@ BOX_A=$(ss -ltnpH "sport = :$PORT" | sed 's/.*pid=\([0-9]*\).*/\1/')
 # (of the other instances, the one that ran more than 1,000 instructions per request).
 measure() {
     local label=$1; shift
-    for pid in $PIDS; do callgrind_control --zero "$pid" >/dev/null; done
+    for pid in $PIDS; do callgrind_control --zero "$pid" >/dev/null 2>&1; done
     oha --no-tui -n "$REQUESTS" "$@" "$URL" | grep -q 'Success rate:.*100.00%' || echo "$label: some requests failed" >&2
-    for pid in $PIDS; do callgrind_control --dump "$pid" >/dev/null; done
+    for pid in $PIDS; do callgrind_control --dump "$pid" >/dev/null 2>&1; done
     sleep 1
     local a=0 b=0 count
     for pid in $PIDS; do

@@ -137,7 +137,8 @@ impl PlainClients {
 
 impl Http1Pool {
     /// A ready connection to `addr`, marked used. Connections that closed or sat idle too long
-    /// are dropped on the way: those to `addr` now, the whole pool every `SWEEP`.
+    /// are dropped on the way: those passed over now, the whole pool every `SWEEP`. The scan
+    /// stops at the first ready connection, so a pool grown by a burst costs nothing per request.
     fn ready(&mut self, addr: SocketAddr) -> Option<&mut http1::SendRequest<Body>> {
         let now = Instant::now();
         if self.swept.is_none_or(|at| now.duration_since(at) >= SWEEP) {
@@ -148,8 +149,18 @@ impl Http1Pool {
             });
         }
         let conns = self.by_addr.get_mut(&addr)?;
-        conns.retain(|c| c.alive(now));
-        let conn = conns.iter_mut().find(|c| c.sender.is_ready())?;
+        let mut i = 0;
+        let found = loop {
+            let conn = conns.get(i)?;
+            if !conn.alive(now) {
+                conns.swap_remove(i);
+            } else if conn.sender.is_ready() {
+                break i;
+            } else {
+                i += 1;
+            }
+        };
+        let conn = &mut conns[found];
         conn.used = now;
         Some(&mut conn.sender)
     }
