@@ -25,7 +25,13 @@ BINARY=$(realpath "$BINARY")
 REQUESTS=${2:-4000}
 
 WORK=$(mktemp -d)
-trap 'kill $(cat "$WORK/pids" 2>/dev/null) $HARNESS 2>/dev/null || true; rm -rf "$WORK"' EXIT
+HARNESS=
+# At exit: the harness's process group (it and the boxes it started), then the work folder.
+cleanup() {
+    if [ -n "$HARNESS" ]; then kill -- "-$HARNESS" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
 # The harness runs this wrapper as meshkeep: `run` goes under callgrind, other commands do not.
 cat > "$WORK/meshkeep" <<EOF
 #!/bin/sh
@@ -38,34 +44,46 @@ exec "$BINARY" "\$@"
 EOF
 chmod +x "$WORK/meshkeep"
 
-cargo bench --locked --bench proxy --no-run 2>/dev/null
-HARNESS_BIN=$(ls -t target/release/deps/proxy-* | grep -v '\.d$' | head -1)
+HARNESS_BIN=$(cargo bench --locked --bench proxy --no-run --message-format=json \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["bench"] and m.get("executable"):
+        print(m["executable"])')
+[ -x "$HARNESS_BIN" ] || { echo "the benchmark harness did not build" >&2; exit 1; }
 MESHKEEP_BINARY="$WORK/meshkeep" MESHKEEP_BENCH_CONTENDERS=meshkeep MESHKEEP_BENCH_HOLD=900 \
-    "$HARNESS_BIN" > "$WORK/hold.log" 2>&1 &
+    setsid "$HARNESS_BIN" > "$WORK/hold.log" 2>&1 &
 HARNESS=$!
 for _ in $(seq 1 180); do grep -q '^direct:' "$WORK/hold.log" && break; sleep 1; done
 grep -q '^direct:' "$WORK/hold.log" || { cat "$WORK/hold.log"; echo "the boxes did not come up" >&2; exit 1; }
 URL=$(awk '/^meshkeep:/ {print $2}' "$WORK/hold.log")
 PIDS=$(sed -n 's/^meshkeep:.*pids \[\(.*\)\])/\1/p' "$WORK/hold.log" | tr -d ',')
-echo "$PIDS" > "$WORK/pids"
 PORT=${URL##*:}; PORT=${PORT%/}
-BOX_A=$(ss -ltnpH "sport = :$PORT" | sed 's/.*pid=\([0-9]*\).*/\1/')
+BOX_A=$(ss -ltnpH "sport = :$PORT" | sed -n '1s/.*pid=\([0-9]*\).*/\1/p')
+[ -n "$BOX_A" ] || { echo "nothing listens on box A's port $PORT" >&2; exit 1; }
 
 # measure LABEL OHA-ARGS...: instructions per request on A, and on the box B that served it
 # (of the other instances, the one that ran more than 1,000 instructions per request).
 measure() {
     local label=$1; shift
     for pid in $PIDS; do callgrind_control --zero "$pid" >/dev/null 2>&1; done
-    oha --no-tui -n "$REQUESTS" "$@" "$URL" | grep -q 'Success rate:.*100.00%' || echo "$label: some requests failed" >&2
+    local load
+    load=$(oha --no-tui -n "$REQUESTS" "$@" "$URL")
+    grep -q 'Success rate:.*100.00%' <<<"$load" || echo "$label: some requests failed" >&2
     for pid in $PIDS; do callgrind_control --dump "$pid" >/dev/null 2>&1; done
     sleep 1
-    local a=0 b=0 count
+    ROUND=$((ROUND + 1))
+    local a=0 b=0 count dump
     for pid in $PIDS; do
-        count=$(awk '/^summary:/ {print $2}' "$(ls -t "$WORK/$pid.out."* | head -1)")
+        # Dumps are numbered from 1; a missing one would leave the last round's counts.
+        dump="$WORK/$pid.out.$ROUND"
+        [ -f "$dump" ] || { echo "no callgrind dump $dump" >&2; exit 1; }
+        count=$(awk '/^summary:/ {print $2}' "$dump")
         if [ "$pid" = "$BOX_A" ]; then a=$count; elif [ "$count" -gt $((REQUESTS * 1000)) ]; then b=$count; fi
     done
     printf '%-9s A %6d  B %6d instructions per request\n' "$label" $((a / REQUESTS)) $((b / REQUESTS))
 }
+ROUND=0
 echo "$BINARY, $REQUESTS requests per protocol"
 measure HTTP/1.1 -c 4
 measure HTTP/2 -c 1 --http2 -p 8

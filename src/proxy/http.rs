@@ -116,6 +116,7 @@ impl hashbrown::Equivalent<RequestLabels> for LabelsRef<'_> {
 #[derive(Debug)]
 pub struct ServiceMetrics {
     labels: RequestLabels,
+    requests: Counter,
     latency: Histogram,
     /// Response counters by status code, as they are first seen (a handful per service).
     responses: std::sync::Mutex<Vec<(u16, Counter)>>,
@@ -204,6 +205,7 @@ impl HttpMetrics {
                 None => {
                     let labels = RequestLabels { direction, authority: authority.to_owned(), tls };
                     let service = Arc::new(ServiceMetrics {
+                        requests: self.requests.get_or_create(&labels).clone(),
                         latency: self.latency.get_or_create(&labels).clone(),
                         labels: labels.clone(),
                         responses: std::sync::Mutex::default(),
@@ -215,7 +217,7 @@ impl HttpMetrics {
                 }
             }
         };
-        self.requests.get_or_create(&service.labels).inc();
+        service.requests.inc();
         service
     }
 }
@@ -768,4 +770,32 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     };
     metrics.record((&method, path.as_str()), response.status(), started);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_counted_on_the_same_handle_as_the_last_one_for_its_service() {
+        let metrics = HttpMetrics::default();
+        let first = metrics.request("outbound", "web.shop.svc.cluster.local:80", "true");
+        let again = metrics.request("outbound", "web.shop.svc.cluster.local:80", "true");
+        // Found by the borrowed labels (they hash as `RequestLabels` does), not built again.
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(!Arc::ptr_eq(&first, &metrics.request("inbound", "web.shop.svc.cluster.local:80", "true")));
+        assert!(!Arc::ptr_eq(&first, &metrics.request("outbound", "web.shop.svc.cluster.local:80", "no_identity")));
+        first.record((&Method::GET, "/"), StatusCode::OK, Instant::now());
+        again.record((&Method::GET, "/"), StatusCode::BAD_GATEWAY, Instant::now());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let labels = "direction=\"outbound\",authority=\"web.shop.svc.cluster.local:80\",tls=\"true\"";
+        assert!(text.contains(&format!("request_total{{{labels}}} 2\n")), "{text}");
+        for (code, class) in [(200, "success"), (502, "failure")] {
+            let line = format!("response_total{{{labels},status_code=\"{code}\",classification=\"{class}\"}} 1\n");
+            assert!(text.contains(&line), "{line}{text}");
+        }
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -22,14 +22,14 @@ use super::http::Body;
 
 /// A pooled connection unused for this long is closed (hyper-util's pool uses the same).
 const IDLE: Duration = Duration::from_secs(90);
-/// How often the whole pool is swept of closed and idle connections, at most.
+/// How often the whole pool is swept of closed and idle connections, while it holds any.
 const SWEEP: Duration = Duration::from_secs(10);
 /// Pooled connections a request tries before it opens its own, when each one it tries turns out
 /// to have closed before taking the request.
 const STALE_TRIES: usize = 3;
 
 pub struct PlainClients {
-    http1: Mutex<Http1Pool>,
+    http1: Arc<Mutex<Http1Pool>>,
     http2: Client<HttpConnector, Body>,
     connect_timeout: Duration,
 }
@@ -37,7 +37,8 @@ pub struct PlainClients {
 #[derive(Default)]
 struct Http1Pool {
     by_addr: HashMap<SocketAddr, Vec<Pooled>>,
-    swept: Option<Instant>,
+    /// Whether a task is sweeping the pool (there is one while it holds connections).
+    sweeping: bool,
 }
 
 struct Pooled {
@@ -63,7 +64,7 @@ impl PlainClients {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         let http2 = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
-        Self { http1: Mutex::default(), http2, connect_timeout }
+        Self { http1: Arc::default(), http2, connect_timeout }
     }
 
     /// Sends `request` to `addr` in `version` (HTTP/2, else HTTP/1.x). `request`'s URI need only
@@ -115,39 +116,59 @@ impl PlainClients {
             }
         }
         let stream = super::connect(addr, self.connect_timeout).await.map_err(|e| e.to_string())?;
-        let (mut sender, connection) = http1::Builder::new()
-            .max_buf_size(64 * 1024)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut sender, connection) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "plain HTTP/1 connection ended");
             }
         });
         let sent = sender.send_request(request);
-        self.lock().by_addr.entry(addr).or_default().push(Pooled { sender, used: Instant::now() });
+        {
+            let mut pool = self.lock();
+            pool.by_addr.entry(addr).or_default().push(Pooled { sender, used: Instant::now() });
+            if !pool.sweeping {
+                pool.sweeping = true;
+                tokio::spawn(sweep(Arc::downgrade(&self.http1)));
+            }
+        }
         sent.await.map_err(|e| e.to_string())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Http1Pool> {
-        self.http1.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.http1)
+    }
+}
+
+fn lock(pool: &Mutex<Http1Pool>) -> std::sync::MutexGuard<'_, Http1Pool> {
+    pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Closes pooled connections that closed or sat idle too long, every `SWEEP`, until the pool is
+/// empty or gone; an idle box keeps no connection to a backend longer than `IDLE` and a sweep.
+async fn sweep(pool: Weak<Mutex<Http1Pool>>) {
+    loop {
+        tokio::time::sleep(SWEEP).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut pool = lock(&pool);
+        let now = Instant::now();
+        pool.by_addr.retain(|_, conns| {
+            conns.retain(|c| c.alive(now));
+            !conns.is_empty()
+        });
+        if pool.by_addr.is_empty() {
+            pool.sweeping = false;
+            return;
+        }
     }
 }
 
 impl Http1Pool {
     /// A ready connection to `addr`, marked used. Connections that closed or sat idle too long
-    /// are dropped on the way: those passed over now, the whole pool every `SWEEP`. The scan
-    /// stops at the first ready connection, so a pool grown by a burst costs nothing per request.
+    /// are dropped as they are passed over (and all of them by `sweep`); the scan stops at the
+    /// first ready connection, so a pool grown by a burst is not walked whole on every request.
     fn ready(&mut self, addr: SocketAddr) -> Option<&mut http1::SendRequest<Body>> {
         let now = Instant::now();
-        if self.swept.is_none_or(|at| now.duration_since(at) >= SWEEP) {
-            self.swept = Some(now);
-            self.by_addr.retain(|_, conns| {
-                conns.retain(|c| c.alive(now));
-                !conns.is_empty()
-            });
-        }
         let conns = self.by_addr.get_mut(&addr)?;
         let mut i = 0;
         let found = loop {
