@@ -3,10 +3,9 @@
 //! from the admin endpoint; Prometheus gets the cumulative counters from `http.rs`.
 
 use std::sync::Mutex;
-
-use hashbrown::{Equivalent, HashMap};
 use std::time::{Duration, Instant};
 
+use hashbrown::{Equivalent, HashMap};
 use serde::{Deserialize, Serialize};
 
 /// The window is this many slots of `SLOT` each.
