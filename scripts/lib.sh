@@ -15,7 +15,7 @@ stage() {
     local name=$1; shift
     local start=$SECONDS
     echo
-    echo "==> $name: $*"
+    echo "==> $name: $* ($(df -h --output=avail . | tail -1 | tr -d ' ') free on disk)"
     if "$@"; then
         STAGE_LOG+=("$(printf '%-16s %5ss  ok' "$name" $((SECONDS - start)))")
         echo "<== $name: ok in $((SECONDS - start))s"
