@@ -9,7 +9,9 @@
 # REQUESTS: per protocol (default 4000). Installs valgrind and oha if missing. The benchmark
 # harness (benches/proxy.rs) starts and warms the boxes under callgrind and holds them; this
 # script zeroes the counters, sends the requests (HTTP/1.1 on 4 connections, then HTTP/2 with 8
-# streams on one), dumps the counters and divides.
+# streams on one), dumps the counters and divides. With MESHKEEP_CALLGRIND_OUT=DIR the dumps are
+# kept there, for callgrind_annotate (a build with symbols: CARGO_PROFILE_RELEASE_STRIP=false
+# CARGO_PROFILE_RELEASE_DEBUG=line-tables-only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -82,6 +84,14 @@ measure() {
         if [ "$pid" = "$BOX_A" ]; then a=$count; elif [ "$count" -gt $((REQUESTS * 1000)) ]; then b=$count; fi
     done
     printf '%-9s A %6d  B %6d instructions per request\n' "$label" $((a / REQUESTS)) $((b / REQUESTS))
+    if [ -n "${MESHKEEP_CALLGRIND_OUT:-}" ]; then
+        mkdir -p "$MESHKEEP_CALLGRIND_OUT"
+        for pid in $PIDS; do
+            local role=b
+            [ "$pid" = "$BOX_A" ] && role=a
+            cp "$WORK/$pid.out.$ROUND" "$MESHKEEP_CALLGRIND_OUT/${label//\//}-$role-$pid.out"
+        done
+    fi
 }
 ROUND=0
 echo "$BINARY, $REQUESTS requests per protocol"

@@ -237,3 +237,36 @@ fn box_b_keeps_connections_to_its_backend_alive_and_drops_the_ones_it_closed() {
     let inbound = metric(&boxes.b, "request_total{direction=\"inbound\"");
     assert_eq!(inbound, 20.0, "no request failed and was retried");
 }
+
+/// Reads one HTTP/1.1 response whose body is `ok` (the counting backend's), or what came before
+/// the connection ended.
+fn read_ok_response(stream: &mut TcpStream) -> String {
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !response.ends_with(b"\r\n\r\nok") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn a_keep_alive_client_idle_between_requests_keeps_its_connection() {
+    // Only `http_idle_timeout` (90 s by default) closes a client's idle connection; the request
+    // head deadline runs only while a head is arriving. (hyper's own head timeout, 30 s from
+    // the end of the last response, used to close this one.)
+    let (backend, _) = counting_backend(None);
+    let boxes = two_boxes_to(backend, Some("echo"));
+    let mut client = TcpStream::connect(boxes.listener).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for round in 0..2 {
+        client.write_all(b"GET /idle HTTP/1.1\r\nHost: echo.shop\r\n\r\n").expect("the connection is open");
+        let response = read_ok_response(&mut client);
+        assert!(response.starts_with("HTTP/1.1 200"), "request {round} on the connection: {response:?}");
+        if round == 0 {
+            std::thread::sleep(Duration::from_secs(33));
+        }
+    }
+}

@@ -3,24 +3,24 @@
 //! balancer), with failure accrual: consecutive failures eject an endpoint for an exponential,
 //! jittered backoff, after which one probe request decides whether it comes back.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
 use serde::Serialize;
 
 use crate::config::TrafficConfig;
 
-/// A ready endpoint the balancer may pick.
+/// A ready endpoint the balancer may pick, borrowed from the resolution (made per request).
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub struct Candidate<'a> {
     /// Where requests go (the endpoint, or the peer proxy in front of it): the balancer's key.
     pub addr: SocketAddr,
-    pub node: Option<String>,
-    pub zone: Option<String>,
+    pub node: Option<&'a str>,
+    pub zone: Option<&'a str>,
     /// EndpointSlice hints: zones that should consume this endpoint.
-    pub hints: Vec<String>,
+    pub hints: &'a [String],
 }
 
 /// The box's place in the topology.
@@ -32,17 +32,17 @@ pub struct Locality {
 
 /// The tier of candidates topology prefers: same node if any, else same zone (its own or
 /// hinted for this zone), else all. A tier whose endpoints are all ejected is skipped.
-pub fn preferred<'a>(
-    candidates: &'a [Candidate],
+pub fn preferred<'a, 'b>(
+    candidates: &'a [Candidate<'b>],
     locality: &Locality,
-    usable: impl Fn(&Candidate) -> bool,
-) -> Vec<&'a Candidate> {
-    let node = |c: &&Candidate| locality.node.is_some() && c.node == locality.node;
+    usable: impl Fn(&Candidate<'b>) -> bool,
+) -> Vec<&'a Candidate<'b>> {
+    let node = |c: &&Candidate| locality.node.is_some() && c.node == locality.node.as_deref();
     let zone = |c: &&Candidate| {
         locality
             .zone
-            .as_ref()
-            .is_some_and(|z| if c.hints.is_empty() { c.zone.as_ref() == Some(z) } else { c.hints.contains(z) })
+            .as_deref()
+            .is_some_and(|z| if c.hints.is_empty() { c.zone == Some(z) } else { c.hints.iter().any(|hint| hint == z) })
     };
     for tier in [candidates.iter().filter(node).collect::<Vec<_>>(), candidates.iter().filter(zone).collect::<Vec<_>>()]
     {
@@ -94,7 +94,8 @@ pub struct EndpointReport {
 #[derive(Debug)]
 pub struct Balancer {
     settings: Settings,
-    services: Mutex<HashMap<String, HashMap<SocketAddr, Endpoint>>>,
+    /// By service name; the name is shared with the requests in flight to it.
+    services: Mutex<HashMap<Arc<str>, HashMap<SocketAddr, Endpoint>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -111,7 +112,7 @@ struct Settings {
 #[derive(Debug)]
 pub struct InFlight {
     balancer: Arc<Balancer>,
-    service: String,
+    service: Arc<str>,
     addr: SocketAddr,
     started: Instant,
     done: bool,
@@ -166,7 +167,11 @@ impl Balancer {
     ) -> Option<InFlight> {
         let now = Instant::now();
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        let endpoints = services.entry(service.to_owned()).or_default();
+        if !services.contains_key(service) {
+            services.insert(Arc::from(service), HashMap::default());
+        }
+        let (service, endpoints) = services.get_key_value_mut(service)?;
+        let service = Arc::clone(service);
         // Forget endpoints that left the service once nothing is in flight to them.
         if endpoints.len() > ready.len() {
             endpoints.retain(|addr, e| e.pending > 0 || ready.iter().any(|c| c.addr == *addr));
@@ -201,13 +206,7 @@ impl Balancer {
         }
         endpoint.pending += 1;
         endpoint.requests += 1;
-        Some(InFlight {
-            balancer: Arc::clone(self),
-            service: service.to_owned(),
-            addr: chosen,
-            started: now,
-            done: false,
-        })
+        Some(InFlight { balancer: Arc::clone(self), service, addr: chosen, started: now, done: false })
     }
 
     /// Whether the endpoint could be picked now (not ejected, or due for its probe).
@@ -304,7 +303,7 @@ impl Balancer {
     /// Services the balancer has state for.
     pub fn services(&self) -> Vec<String> {
         let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        let mut names: Vec<String> = services.keys().cloned().collect();
+        let mut names: Vec<String> = services.keys().map(|name| name.to_string()).collect();
         names.sort();
         names
     }

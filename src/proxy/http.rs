@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Frame;
@@ -41,10 +41,11 @@ use crate::drain;
 use crate::model::RouteRetry;
 use crate::policy::RequestInfo;
 
-/// Request header naming the port on the peer a request is for.
-pub const TARGET_PORT_HEADER: &str = "meshkeep-target-port";
+/// Request header naming the port on the peer a request is for. (Names made at compile time:
+/// a name given as a string is parsed and checked on every use.)
+pub const TARGET_PORT_HEADER: HeaderName = HeaderName::from_static("meshkeep-target-port");
 /// Request header carrying the client's HTTP version across the HTTP/2 hop.
-pub const ORIGINAL_VERSION_HEADER: &str = "meshkeep-original-version";
+pub const ORIGINAL_VERSION_HEADER: HeaderName = HeaderName::from_static("meshkeep-original-version");
 /// HTTP/2 PING interval on connections to peers while requests are in flight: a peer that stops
 /// answering is found out and dropped (hyper's keep-alive timeout of 20 s applies). Servers send
 /// no pings: an idle connection is closed by the idle timeout instead.
@@ -351,7 +352,9 @@ where
         async move { Ok::<_, Infallible>(clock.track(outbound_request(&proxy, &*route, request).await)) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).max_buf_size(64 * 1024);
+    // hyper's own head timeout (30 s once a timer is set) would also cut keep-alive clients
+    // idle between requests, and costs a timer per request: `HeadClock` keeps the deadline.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(64 * 1024);
     builder.http2().max_header_list_size(64 * 1024);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     let head = (protocol == Protocol::Http1).then_some((&*head, header_timeout));
@@ -486,9 +489,8 @@ where
         .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(ToString::to_string))
-        .unwrap_or_else(|| metrics.authority().to_owned());
+        .or_else(|| parts.uri.authority().map(Authority::as_str))
+        .unwrap_or_else(|| metrics.authority());
     let path = path_of(&parts.uri);
     let retry = RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method);
     // A retryable request's body is kept for replay up to the limit (a body announced as longer
@@ -513,21 +515,17 @@ where
             Route::Meshed { peer, identity, target_port, authority } => {
                 headers.insert(TARGET_PORT_HEADER, HeaderValue::from(*target_port));
                 headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
-                // Connection-specific headers have no place in HTTP/2.
-                for name in ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"] {
-                    headers.remove(name);
-                }
-                if headers.get(http::header::TE).is_some_and(|te| te != "trailers") {
-                    headers.remove(http::header::TE);
-                }
-                let request = build(&parts.method, absolute(&host, &path), Version::HTTP_2, headers, body.take());
+                // hyper's HTTP/2 client drops the connection-specific headers (Connection and
+                // those it names, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade, and
+                // TE other than `trailers`).
+                let request = build(&parts.method, absolute(host, &path), Version::HTTP_2, headers, body.take());
                 tokio::time::timeout(timeout, send_to_peer(proxy, *peer, identity, *target_port, authority, request))
                     .await
             }
             Route::Plain { addr, .. } => {
                 if !headers.contains_key(http::header::HOST)
                     && version != Version::HTTP_2
-                    && let Ok(value) = HeaderValue::from_str(&host)
+                    && let Ok(value) = HeaderValue::from_str(host)
                 {
                     headers.insert(http::header::HOST, value);
                 }
@@ -622,7 +620,10 @@ async fn send_to_peer(
         match slot.as_ref().filter(|s| !s.is_closed()) {
             Some(sender) => sender.clone(),
             None => {
-                let sender = open_peer(proxy, peer, identity, target_port, authority).await.map_err(|e| {
+                // Boxed: opening (TCP, mTLS, HTTP/2) is rare, and its large state would otherwise
+                // be part of, and copied with, every request's future.
+                let opening = Box::pin(open_peer(proxy, peer, identity, target_port, authority));
+                let sender = opening.await.map_err(|e| {
                     proxy.metrics.error("outbound", e.reason());
                     e.to_string()
                 })?;

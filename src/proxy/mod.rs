@@ -149,7 +149,10 @@ impl Proxy {
     /// overrides are keyed by the short name (`name.ns`).
     pub fn traffic_for(&self, authority: &str) -> ServicePolicy {
         let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
-        let short = host.strip_suffix(&format!(".svc.{}", self.settings.cluster_domain)).unwrap_or(host);
+        let short = host
+            .strip_suffix(self.settings.cluster_domain.as_str())
+            .and_then(|rest| rest.strip_suffix(".svc."))
+            .unwrap_or(host);
         let overrides = self.traffic.services.get(short).cloned().unwrap_or_default();
         ServicePolicy {
             response_timeout: overrides.response_timeout.unwrap_or(self.traffic.response_timeout).get(),

@@ -368,9 +368,9 @@ fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<(Pl
         .iter()
         .map(|(e, port)| Candidate {
             addr: SocketAddr::new(e.addresses[0], *port),
-            node: e.node.clone(),
-            zone: e.zone.clone(),
-            hints: e.hints_for_zones.clone(),
+            node: e.node.as_deref(),
+            zone: e.zone.as_deref(),
+            hints: &e.hints_for_zones,
         })
         .collect();
     let tier = if proxy.traffic_for(&authority).topology {

@@ -1,21 +1,21 @@
 //! Plain HTTP to the local workload and to unmeshed destinations: HTTP/1.1 over kept-alive
-//! connections pooled by address, HTTP/2 over hyper-util's pooled client.
+//! connections pooled by address, HTTP/2 over one multiplexed connection per address.
 //!
-//! The HTTP/1.1 pool is the hot path of every request a box receives from a peer, so it is kept
-//! to what that needs: a list of connections per address, each taken by the first request that
-//! finds it ready. A connection is ready again once its response has been read to the end;
-//! until then a request that finds none ready opens another.
+//! This is the hot path of every request a box receives from a peer, so it is kept to what that
+//! needs. HTTP/1.1: a list of connections per address, each taken by the first request that
+//! finds it ready; a connection is ready again once its response has been read to the end, and
+//! until then a request that finds none ready opens another. HTTP/2: every request shares the
+//! address's connection, opened by the first request that finds none.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::http::Body;
@@ -29,26 +29,50 @@ const SWEEP: Duration = Duration::from_secs(10);
 const STALE_TRIES: usize = 3;
 
 pub struct PlainClients {
-    http1: Arc<Mutex<Http1Pool>>,
-    http2: Client<HttpConnector, Body>,
+    pool: Arc<Mutex<Pool>>,
     connect_timeout: Duration,
 }
 
 #[derive(Default)]
-struct Http1Pool {
-    by_addr: HashMap<SocketAddr, Vec<Pooled>>,
+struct Pool {
+    http1: HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>,
+    http2: HashMap<SocketAddr, Pooled<Http2>>,
     /// Whether a task is sweeping the pool (there is one while it holds connections).
     sweeping: bool,
 }
 
-struct Pooled {
-    sender: http1::SendRequest<Body>,
+struct Pooled<C> {
+    conn: C,
     used: Instant,
 }
 
-impl Pooled {
+/// An HTTP/2 connection and the authority its requests carry (the address, made once).
+#[derive(Clone)]
+struct Http2 {
+    sender: http2::SendRequest<Body>,
+    authority: Authority,
+}
+
+/// What the pool needs to know of a connection.
+trait Conn {
+    fn is_closed(&self) -> bool;
+}
+
+impl Conn for http1::SendRequest<Body> {
+    fn is_closed(&self) -> bool {
+        http1::SendRequest::is_closed(self)
+    }
+}
+
+impl Conn for Http2 {
+    fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+impl<C: Conn> Pooled<C> {
     fn alive(&self, now: Instant) -> bool {
-        !self.sender.is_closed() && now.duration_since(self.used) < IDLE
+        !self.conn.is_closed() && now.duration_since(self.used) < IDLE
     }
 }
 
@@ -60,11 +84,7 @@ impl std::fmt::Debug for PlainClients {
 
 impl PlainClients {
     pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let http2 = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
-        Self { http1: Arc::default(), http2, connect_timeout }
+        Self { pool: Arc::default(), connect_timeout }
     }
 
     /// Sends `request` to `addr` in `version` (HTTP/2, else HTTP/1.x). `request`'s URI need only
@@ -76,13 +96,7 @@ impl PlainClients {
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, String> {
         if version == Version::HTTP_2 {
-            let path = request.uri().path_and_query().cloned();
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = http::uri::Authority::try_from(addr.to_string()).ok();
-            parts.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-            *request.uri_mut() = Uri::from_parts(parts).map_err(|e| e.to_string())?;
-            return self.http2.request(request).await.map_err(|e| e.to_string());
+            return self.send_http2(addr, request).await;
         }
         // HTTP/1 is sent in origin form.
         if request.uri().scheme().is_some() || request.uri().path_and_query().is_none() {
@@ -106,76 +120,155 @@ impl PlainClients {
                     None => break,
                 }
             };
-            match sent.await {
-                Ok(response) => return Ok(response),
-                // The connection closed before the request was written: it can go elsewhere.
-                Err(mut e) => match e.take_message() {
-                    Some(returned) => request = returned,
-                    None => return Err(e.into_error().to_string()),
-                },
+            match outcome(sent.await) {
+                Sent::Answered(result) => return result,
+                Sent::HandedBack(returned) => request = returned,
             }
         }
+        // Boxed, as opening HTTP/2 is: rare, and large next to the rest of a request's future.
+        let mut sender = Box::pin(self.open_http1(addr)).await?;
+        let sent = sender.send_request(request);
+        {
+            let mut pool = self.lock();
+            pool.http1.entry(addr).or_default().push(Pooled { conn: sender, used: Instant::now() });
+            self.keep_swept(&mut pool);
+        }
+        sent.await.map_err(|e| e.to_string())
+    }
+
+    async fn open_http1(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, String> {
         let stream = super::connect(addr, self.connect_timeout).await.map_err(|e| e.to_string())?;
-        let (mut sender, connection) =
+        let (sender, connection) =
             http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "plain HTTP/1 connection ended");
             }
         });
-        let sent = sender.send_request(request);
-        {
-            let mut pool = self.lock();
-            pool.by_addr.entry(addr).or_default().push(Pooled { sender, used: Instant::now() });
-            if !pool.sweeping {
-                pool.sweeping = true;
-                tokio::spawn(sweep(Arc::downgrade(&self.http1)));
-            }
-        }
-        sent.await.map_err(|e| e.to_string())
+        Ok(sender)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Http1Pool> {
-        lock(&self.http1)
+    /// HTTP/2 requests carry the address as their authority (`:authority`, `:scheme` http).
+    async fn send_http2(&self, addr: SocketAddr, mut request: Request<Body>) -> Result<Response<Incoming>, String> {
+        let path = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // A pooled connection that closed before taking the request hands it back: once more,
+        // on a new one.
+        for fresh in [false, true] {
+            let pooled = if fresh { None } else { self.lock().ready_http2(addr) };
+            let Http2 { mut sender, authority } = match pooled {
+                Some(conn) => conn,
+                // Boxed: see `send_http1`.
+                None => Box::pin(self.open_http2(addr)).await?,
+            };
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path.clone());
+            *request.uri_mut() = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+            if let Err(e) = sender.ready().await {
+                if fresh {
+                    return Err(e.to_string());
+                }
+                continue;
+            }
+            match outcome(sender.try_send_request(request).await) {
+                Sent::Answered(result) => return result,
+                Sent::HandedBack(returned) => request = returned,
+            }
+        }
+        Err("the backend's HTTP/2 connections closed before taking the request".to_owned())
+    }
+
+    async fn open_http2(&self, addr: SocketAddr) -> Result<Http2, String> {
+        let authority = Authority::try_from(addr.to_string()).map_err(|e| e.to_string())?;
+        let stream = super::connect(addr, self.connect_timeout).await.map_err(|e| e.to_string())?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "plain HTTP/2 connection ended");
+            }
+        });
+        let conn = Http2 { sender, authority };
+        let mut pool = self.lock();
+        // Two requests that found none may both open one: the later replaces the earlier, which
+        // finishes its request and closes.
+        pool.http2.insert(addr, Pooled { conn: conn.clone(), used: Instant::now() });
+        self.keep_swept(&mut pool);
+        Ok(conn)
+    }
+
+    /// Starts the sweeping task if the pool has none.
+    fn keep_swept(&self, pool: &mut Pool) {
+        if !pool.sweeping {
+            pool.sweeping = true;
+            tokio::spawn(sweep(Arc::downgrade(&self.pool)));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        lock(&self.pool)
     }
 }
 
-fn lock(pool: &Mutex<Http1Pool>) -> std::sync::MutexGuard<'_, Http1Pool> {
+/// What became of a request given to a pooled connection.
+enum Sent {
+    /// A response, or an error after the request was (or may have been) written.
+    Answered(Result<Response<Incoming>, String>),
+    /// The connection closed before taking the request: it can go elsewhere.
+    HandedBack(Request<Body>),
+}
+
+fn outcome(sent: Result<Response<Incoming>, TrySendError<Request<Body>>>) -> Sent {
+    match sent {
+        Ok(response) => Sent::Answered(Ok(response)),
+        Err(mut e) => match e.take_message() {
+            Some(request) => Sent::HandedBack(request),
+            None => Sent::Answered(Err(e.into_error().to_string())),
+        },
+    }
+}
+
+fn lock(pool: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {
     pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Closes pooled connections that closed or sat idle too long, every `SWEEP`, until the pool is
 /// empty or gone; an idle box keeps no connection to a backend longer than `IDLE` and a sweep.
-async fn sweep(pool: Weak<Mutex<Http1Pool>>) {
+async fn sweep(pool: Weak<Mutex<Pool>>) {
     loop {
         tokio::time::sleep(SWEEP).await;
         let Some(pool) = pool.upgrade() else { return };
         let mut pool = lock(&pool);
         let now = Instant::now();
-        pool.by_addr.retain(|_, conns| {
+        pool.http1.retain(|_, conns| {
             conns.retain(|c| c.alive(now));
             !conns.is_empty()
         });
-        if pool.by_addr.is_empty() {
+        pool.http2.retain(|_, conn| conn.alive(now));
+        if pool.http1.is_empty() && pool.http2.is_empty() {
             pool.sweeping = false;
             return;
         }
     }
 }
 
-impl Http1Pool {
-    /// A ready connection to `addr`, marked used. Connections that closed or sat idle too long
-    /// are dropped as they are passed over (and all of them by `sweep`); the scan stops at the
-    /// first ready connection, so a pool grown by a burst is not walked whole on every request.
+impl Pool {
+    /// A ready HTTP/1.1 connection to `addr`, marked used. Connections that closed or sat idle
+    /// too long are dropped as they are passed over (and all of them by `sweep`); the scan stops
+    /// at the first ready connection, so a pool grown by a burst is not walked whole every time.
     fn ready(&mut self, addr: SocketAddr) -> Option<&mut http1::SendRequest<Body>> {
         let now = Instant::now();
-        let conns = self.by_addr.get_mut(&addr)?;
+        let conns = self.http1.get_mut(&addr)?;
         let mut i = 0;
         let found = loop {
             let conn = conns.get(i)?;
             if !conn.alive(now) {
                 conns.swap_remove(i);
-            } else if conn.sender.is_ready() {
+            } else if conn.conn.is_ready() {
                 break i;
             } else {
                 i += 1;
@@ -183,6 +276,18 @@ impl Http1Pool {
         };
         let conn = &mut conns[found];
         conn.used = now;
-        Some(&mut conn.sender)
+        Some(&mut conn.conn)
+    }
+
+    /// The HTTP/2 connection to `addr`, marked used, unless it closed or sat idle too long.
+    fn ready_http2(&mut self, addr: SocketAddr) -> Option<Http2> {
+        let now = Instant::now();
+        let pooled = self.http2.get_mut(&addr)?;
+        if !pooled.alive(now) {
+            self.http2.remove(&addr);
+            return None;
+        }
+        pooled.used = now;
+        Some(pooled.conn.clone())
     }
 }

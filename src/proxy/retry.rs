@@ -2,9 +2,10 @@
 //! `min_per_second` over a sliding window, so a full outage cannot multiply the load on the
 //! backends by the retry count.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
 
 use crate::config::TrafficConfig;
 
@@ -46,7 +47,8 @@ impl Budget {
     pub fn deposit(&self, service: &str) {
         let epoch = self.epoch();
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        let slots = services.entry(service.to_owned()).or_default();
+        // Borrowed: the service's name is copied only the first time.
+        let slots = services.entry_ref(service).or_default();
         current(slots, epoch).requests += 1;
     }
 
@@ -54,7 +56,7 @@ impl Budget {
     pub fn withdraw(&self, service: &str) -> bool {
         let epoch = self.epoch();
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        let slots = services.entry(service.to_owned()).or_default();
+        let slots = services.entry_ref(service).or_default();
         let live = slots.iter().filter(|s| epoch.saturating_sub(s.epoch) < SLOTS as u64);
         let (requests, retries) = live.fold((0u64, 0u64), |(q, r), s| (q + s.requests, r + s.retries));
         let allowed = self.min_per_second * self.window.as_secs_f64() + self.ratio * requests as f64;

@@ -1,13 +1,8 @@
 use super::*;
 use crate::config::TrafficConfig;
 
-fn candidate(last: u8, node: &str, zone: &str) -> Candidate {
-    Candidate {
-        addr: SocketAddr::from(([10, 0, 0, last], 8080)),
-        node: Some(node.into()),
-        zone: Some(zone.into()),
-        hints: Vec::new(),
-    }
+fn candidate(last: u8, node: &'static str, zone: &'static str) -> Candidate<'static> {
+    Candidate { addr: SocketAddr::from(([10, 0, 0, last], 8080)), node: Some(node), zone: Some(zone), hints: &[] }
 }
 
 fn balancer() -> Arc<Balancer> {
@@ -28,9 +23,10 @@ fn topology_prefers_the_node_then_the_zone_then_anything_usable() {
     );
     let elsewhere = Locality { node: Some("n9".into()), zone: Some("z9".into()) };
     assert_eq!(addrs(preferred(&candidates, &elsewhere, |_| true)).len(), 3, "no preference: all");
+    let (z1, z2) = (["z1".to_owned()], ["z2".to_owned()]);
     let mut hinted = candidates.clone();
-    hinted[2].hints = vec!["z1".into()];
-    hinted[1].hints = vec!["z2".into()];
+    hinted[2].hints = &z1;
+    hinted[1].hints = &z2;
     let zone_only = Locality { node: None, zone: Some("z1".into()) };
     assert_eq!(
         addrs(preferred(&hinted, &zone_only, |_| true)),
