@@ -270,3 +270,43 @@ fn a_keep_alive_client_idle_between_requests_keeps_its_connection() {
         }
     }
 }
+
+/// Forwards connections to `backend`, counting them.
+fn counting_forwarder(backend: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = TcpStream::connect(backend) else { continue };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server.try_clone().unwrap(), client.try_clone().unwrap()),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn concurrent_http2_requests_share_one_backend_connection() {
+    // 20 streams at once from a cold box B: one of them opens the HTTP/2 connection to the
+    // backend and the others wait for it, then share it.
+    let (backend, accepted) = counting_forwarder(http_backend());
+    let boxes = two_boxes_to(backend, Some("echo"));
+    let url = format!("http://{}/together", boxes.listener);
+    let mut args = vec!["--http2-prior-knowledge", "--parallel", "--parallel-immediate", "--parallel-max", "20"];
+    args.extend(std::iter::repeat_n(url.as_str(), 20));
+    let output = curl(&args);
+    assert_eq!(output.matches("HTTP/2 200").count(), 20, "{output}");
+    let opened = accepted.load(Ordering::SeqCst);
+    assert_eq!(opened, 1, "20 concurrent HTTP/2 requests opened {opened} backend connections");
+}

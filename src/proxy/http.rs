@@ -49,7 +49,7 @@ pub const ORIGINAL_VERSION_HEADER: HeaderName = HeaderName::from_static("meshkee
 /// HTTP/2 PING interval on connections to peers while requests are in flight: a peer that stops
 /// answering is found out and dropped (hyper's keep-alive timeout of 20 s applies). Servers send
 /// no pings: an idle connection is closed by the idle timeout instead.
-const KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Response header saying why the proxy answered itself.
 pub const ERROR_HEADER: &str = "meshkeep-error";
 
@@ -513,11 +513,13 @@ where
         let mut headers = parts.headers.clone();
         let attempt = match &routed.route {
             Route::Meshed { peer, identity, target_port, authority } => {
+                // Connection and the headers it names go before the markers are added, so a
+                // client cannot name them away; hyper's HTTP/2 client drops the other
+                // connection-specific headers (Keep-Alive, Proxy-Connection, Transfer-Encoding,
+                // Upgrade, TE other than `trailers`).
+                remove_connection_headers(&mut headers);
                 headers.insert(TARGET_PORT_HEADER, HeaderValue::from(*target_port));
                 headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
-                // hyper's HTTP/2 client drops the connection-specific headers (Connection and
-                // those it names, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade, and
-                // TE other than `trailers`).
                 let request = build(&parts.method, absolute(host, &path), Version::HTTP_2, headers, body.take());
                 tokio::time::timeout(timeout, send_to_peer(proxy, *peer, identity, *target_port, authority, request))
                     .await
@@ -569,6 +571,24 @@ where
     };
     metrics.record((&parts.method, path.as_str()), response.status(), started);
     response
+}
+
+/// Removes every `Connection` header and the headers its values name.
+fn remove_connection_headers(headers: &mut http::HeaderMap) {
+    if !headers.contains_key(http::header::CONNECTION) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    headers.remove(http::header::CONNECTION);
+    for name in named {
+        headers.remove(name);
+    }
 }
 
 fn build(method: &Method, uri: Uri, version: Version, headers: http::HeaderMap, body: Body) -> Request<Body> {
@@ -776,6 +796,19 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_headers_and_the_headers_they_name_are_removed() {
+        let mut headers = http::HeaderMap::new();
+        headers.append(http::header::CONNECTION, HeaderValue::from_static("keep-alive, x-hop"));
+        headers.append(http::header::CONNECTION, HeaderValue::from_static("meshkeep-target-port"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert(TARGET_PORT_HEADER, HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_connection_headers(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"], "every Connection line and what each names is gone");
+    }
 
     #[test]
     fn a_request_is_counted_on_the_same_handle_as_the_last_one_for_its_service() {

@@ -37,9 +37,14 @@ pub struct PlainClients {
 struct Pool {
     http1: HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>,
     http2: HashMap<SocketAddr, Pooled<Http2>>,
+    /// Addresses whose HTTP/2 connection is being opened.
+    http2_opening: HashMap<SocketAddr, Arc<Opening>>,
     /// Whether a task is sweeping the pool (there is one while it holds connections).
     sweeping: bool,
 }
+
+/// Held while a connection is opened; the last failure to open one, and when it happened.
+type Opening = tokio::sync::Mutex<Option<(Instant, String)>>;
 
 struct Pooled<C> {
     conn: C,
@@ -154,7 +159,7 @@ impl PlainClients {
         // A pooled connection that closed before taking the request hands it back: once more,
         // on a new one.
         for fresh in [false, true] {
-            let pooled = if fresh { None } else { self.lock().ready_http2(addr) };
+            let pooled = self.lock().ready_http2(addr);
             let Http2 { mut sender, authority } = match pooled {
                 Some(conn) => conn,
                 // Boxed: see `send_http1`.
@@ -179,11 +184,43 @@ impl PlainClients {
         Err("the backend's HTTP/2 connections closed before taking the request".to_owned())
     }
 
+    /// Opens the address's HTTP/2 connection and pools it. One request opens it; the others that
+    /// found none meanwhile wait for it, and share its failure if it fails.
     async fn open_http2(&self, addr: SocketAddr) -> Result<Http2, String> {
+        let asked = Instant::now();
+        let gate = Arc::clone(self.lock().http2_opening.entry(addr).or_default());
+        let mut last_failure = gate.lock().await;
+        let pooled = self.lock().ready_http2(addr);
+        let opened = match (pooled, last_failure.as_ref()) {
+            (Some(conn), _) => Ok(conn),
+            (None, Some((failed, reason))) if *failed >= asked => Err(reason.clone()),
+            (None, _) => {
+                let opened = self.connect_http2(addr).await;
+                if let Err(reason) = &opened {
+                    *last_failure = Some((Instant::now(), reason.clone()));
+                }
+                opened
+            }
+        };
+        let mut pool = self.lock();
+        if let Ok(conn) = &opened {
+            pool.http2.insert(addr, Pooled { conn: conn.clone(), used: Instant::now() });
+            self.keep_swept(&mut pool);
+        }
+        // The gate goes once no other request holds it (they take it under the pool's lock).
+        if Arc::strong_count(&gate) == 2 {
+            pool.http2_opening.remove(&addr);
+        }
+        opened
+    }
+
+    async fn connect_http2(&self, addr: SocketAddr) -> Result<Http2, String> {
         let authority = Authority::try_from(addr.to_string()).map_err(|e| e.to_string())?;
         let stream = super::connect(addr, self.connect_timeout).await.map_err(|e| e.to_string())?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // A backend that stops answering is found out while requests wait on it.
+            .keep_alive_interval(super::http::KEEP_ALIVE)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
@@ -192,13 +229,7 @@ impl PlainClients {
                 tracing::debug!(error = %e, "plain HTTP/2 connection ended");
             }
         });
-        let conn = Http2 { sender, authority };
-        let mut pool = self.lock();
-        // Two requests that found none may both open one: the later replaces the earlier, which
-        // finishes its request and closes.
-        pool.http2.insert(addr, Pooled { conn: conn.clone(), used: Instant::now() });
-        self.keep_swept(&mut pool);
-        Ok(conn)
+        Ok(Http2 { sender, authority })
     }
 
     /// Starts the sweeping task if the pool has none.
