@@ -37,9 +37,10 @@ pub fn echo_server() -> SocketAddr {
     addr
 }
 
-/// A free port on 127.0.0.2 (box B's address).
+/// A free port on 127.0.0.2 (box B's address), outside the ephemeral range: tests running side
+/// by side bind backends there with port 0, and one once got the port a box B was about to bind.
 pub fn free_port_on_b() -> u16 {
-    TcpListener::bind("127.0.0.2:0").expect("127.0.0.2 is loopback").local_addr().unwrap().port()
+    super::free_port_on([127, 0, 0, 2], false).port()
 }
 
 /// Issuer files both boxes share: the same trust domain.

@@ -44,26 +44,37 @@ fn first_time(addr: SocketAddr) -> bool {
     true
 }
 
-/// A loopback address with a port that was free a moment ago.
-pub fn free_addr() -> SocketAddr {
+/// Ports handed to daemons come from below the kernel's ephemeral range (32768-60999 by
+/// default): a port picked here and bound by the daemon a moment later cannot meanwhile be given
+/// to another test's `bind(0)` or outgoing connection.
+const PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// An address on `ip` whose port is free for TCP (and for UDP too when `udp`), never handed out
+/// before in this process.
+pub fn free_port_on(ip: [u8; 4], udp: bool) -> SocketAddr {
+    use std::hash::{BuildHasher, Hasher};
     loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let addr = listener.local_addr().expect("local addr");
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(std::process::id().into());
+        let port = PORTS.start + (hasher.finish() % u64::from(PORTS.end - PORTS.start)) as u16;
+        let addr = SocketAddr::from((ip, port));
+        if TcpListener::bind(addr).is_err() || (udp && std::net::UdpSocket::bind(addr).is_err()) {
+            continue;
+        }
         if first_time(addr) {
             return addr;
         }
     }
 }
 
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    free_port_on([127, 0, 0, 1], false)
+}
+
 /// A loopback address whose port was free a moment ago for both TCP and UDP (for DNS).
 pub fn free_udp_and_tcp_addr() -> SocketAddr {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let addr = tcp.local_addr().expect("local addr");
-        if std::net::UdpSocket::bind(addr).is_ok() && first_time(addr) {
-            return addr;
-        }
-    }
+    free_port_on([127, 0, 0, 1], true)
 }
 
 /// A running meshkeep daemon in its own temporary directory.
