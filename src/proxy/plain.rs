@@ -92,8 +92,9 @@ impl PlainClients {
         Self { pool: Arc::default(), connect_timeout }
     }
 
-    /// Sends `request` to `addr` in `version` (HTTP/2, else HTTP/1.x). `request`'s URI need only
-    /// carry the path; a request without a Host header gets `addr` as its host.
+    /// Sends `request` to `addr` in `version` (HTTP/2, else HTTP/1.x). `request`'s URI is its
+    /// path (origin form, as HTTP/1 sends it); a request without a Host header gets `addr` as its
+    /// host.
     pub async fn send(
         &self,
         addr: SocketAddr,
@@ -102,11 +103,6 @@ impl PlainClients {
     ) -> Result<Response<Incoming>, String> {
         if version == Version::HTTP_2 {
             return self.send_http2(addr, request).await;
-        }
-        // HTTP/1 is sent in origin form.
-        if request.uri().scheme().is_some() || request.uri().path_and_query().is_none() {
-            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-            *request.uri_mut() = Uri::try_from(path).map_err(|e| e.to_string())?;
         }
         if !request.headers().contains_key(http::header::HOST)
             && let Ok(host) = HeaderValue::try_from(addr.to_string())
@@ -194,19 +190,20 @@ impl PlainClients {
         let opened = match (pooled, last_failure.as_ref()) {
             (Some(conn), _) => Ok(conn),
             (None, Some((failed, reason))) if *failed >= asked => Err(reason.clone()),
-            (None, _) => {
-                let opened = self.connect_http2(addr).await;
-                if let Err(reason) = &opened {
-                    *last_failure = Some((Instant::now(), reason.clone()));
+            (None, _) => match self.connect_http2(addr).await {
+                Ok(conn) => {
+                    let mut pool = self.lock();
+                    pool.http2.insert(addr, Pooled { conn: conn.clone(), used: Instant::now() });
+                    self.keep_swept(&mut pool);
+                    Ok(conn)
                 }
-                opened
-            }
+                Err(reason) => {
+                    *last_failure = Some((Instant::now(), reason.clone()));
+                    Err(reason)
+                }
+            },
         };
         let mut pool = self.lock();
-        if let Ok(conn) = &opened {
-            pool.http2.insert(addr, Pooled { conn: conn.clone(), used: Instant::now() });
-            self.keep_swept(&mut pool);
-        }
         // The gate goes once no other request holds it (they take it under the pool's lock).
         if Arc::strong_count(&gate) == 2 {
             pool.http2_opening.remove(&addr);
@@ -280,6 +277,8 @@ async fn sweep(pool: Weak<Mutex<Pool>>) {
             !conns.is_empty()
         });
         pool.http2.retain(|_, conn| conn.alive(now));
+        // Gates left by requests that were cancelled while opening.
+        pool.http2_opening.retain(|_, gate| Arc::strong_count(gate) > 1);
         if pool.http1.is_empty() && pool.http2.is_empty() {
             pool.sweeping = false;
             return;
