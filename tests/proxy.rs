@@ -180,6 +180,32 @@ fn certificate_rotation_keeps_established_connections_and_new_ones_use_the_new_c
 /// connections it accepts and, given `per_connection`, closes each connection after that many
 /// responses without announcing it (as a server whose keep-alive timeout has just run out).
 fn counting_backend(per_connection: Option<usize>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    counting_listener(move |stream| {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut answered = 0;
+            let mut pending = Vec::new();
+            let mut buf = [0u8; 4096];
+            while per_connection.is_none_or(|limit| answered < limit) {
+                let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                    continue;
+                };
+                pending.drain(..end + 4);
+                if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").is_err() {
+                    return;
+                }
+                answered += 1;
+            }
+        });
+    })
+}
+
+/// Listens on loopback, counting the connections it accepts and handing each to `handle`.
+fn counting_listener(handle: impl Fn(TcpStream) + Send + 'static) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -187,26 +213,7 @@ fn counting_backend(per_connection: Option<usize>) -> (std::net::SocketAddr, Arc
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             counter.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut answered = 0;
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                while per_connection.is_none_or(|limit| answered < limit) {
-                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match stream.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        }
-                        continue;
-                    };
-                    pending.drain(..end + 4);
-                    if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").is_err() {
-                        return;
-                    }
-                    answered += 1;
-                }
-            });
+            handle(stream);
         }
     });
     (addr, accepted)
@@ -273,27 +280,19 @@ fn a_keep_alive_client_idle_between_requests_keeps_its_connection() {
 
 /// Forwards connections to `backend`, counting them.
 fn counting_forwarder(backend: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            counter.fetch_add(1, Ordering::SeqCst);
-            let Ok(server) = TcpStream::connect(backend) else { continue };
-            let _ = (client.set_nodelay(true), server.set_nodelay(true));
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server.try_clone().unwrap(), client.try_clone().unwrap()),
-            ] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                });
-            }
+    counting_listener(move |client| {
+        let Ok(server) = TcpStream::connect(backend) else { return };
+        let _ = (client.set_nodelay(true), server.set_nodelay(true));
+        for (mut from, mut to) in [
+            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+            (server.try_clone().unwrap(), client.try_clone().unwrap()),
+        ] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
         }
-    });
-    (addr, accepted)
+    })
 }
 
 #[test]
