@@ -5,15 +5,75 @@
 //! MESHKEEP_BENCH_ENDPOINTS.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshkeep::drain;
 use meshkeep::model::{
     self, Endpoint, EndpointPort, Kind, Object, ObjectRef, Protocol, ServicePort, SourceId, TargetPort,
 };
 use meshkeep::store::{self, Update};
+use meshkeep::{discovery, drain, policy};
+
+/// Mean time of a lookup, over `rounds` of it.
+fn per_lookup(rounds: usize, mut lookup: impl FnMut(usize)) -> Duration {
+    let started = Instant::now();
+    for i in 0..rounds {
+        lookup(i);
+    }
+    started.elapsed() / rounds as u32
+}
+
+/// Times the lookups by address (a transparent connection), by name (an explicit connection, a
+/// DNS query), and the routing of a request; the first of each builds the snapshot's index.
+fn lookups(generated: &BTreeMap<Kind, Vec<Object>>, services: usize, endpoints: usize) {
+    let mut view = store::SourceView::default();
+    for (kind, objects) in generated {
+        view.set_kind(*kind, objects.iter().cloned());
+    }
+    let snapshot = store::Snapshot::from_sources([(SourceId::Local, view)]);
+    let settings = discovery::Settings {
+        cluster_domain: "cluster.local".into(),
+        link_modes: BTreeMap::new(),
+        trust_domain: "cluster.local".into(),
+        control_plane_namespace: "linkerd".into(),
+    };
+    let found = |lookup: discovery::Lookup| assert!(matches!(lookup, discovery::Lookup::Found(_)), "{lookup:?}");
+    let first = Instant::now();
+    found(discovery::resolve_addr(&snapshot, &settings, SocketAddr::new(ip(0), 80)));
+    let first = first.elapsed();
+    // Spread over the services: a scan in key order would find early ones sooner.
+    let service = |i: usize| (i * 7919) % services;
+    let by_cluster_ip = per_lookup(1000, |i| {
+        found(discovery::resolve_addr(&snapshot, &settings, SocketAddr::new(ip(service(i)), 80)));
+    });
+    let by_endpoint_ip = per_lookup(1000, |i| {
+        let endpoint = (i * 7919) % endpoints;
+        found(discovery::resolve_addr(&snapshot, &settings, SocketAddr::new(ip(1_000_000 + endpoint), 8080)));
+    });
+    let by_name = per_lookup(1000, |i| {
+        let s = service(i);
+        found(discovery::resolve_name(&snapshot, &settings, &format!("svc-{s}.ns-{}", s % 100)));
+    });
+    let headers = http::HeaderMap::new();
+    let request = policy::RequestInfo { method: "GET", path: "/", headers: &headers, host: None };
+    let routed = per_lookup(1000, |i| {
+        let s = service(i);
+        let choice =
+            policy::routes::choose(&snapshot, &format!("ns-{}", s % 100), &format!("svc-{s}"), 80, &request, |_, _| {
+                true
+            });
+        assert_eq!(choice.backends.len(), 1);
+    });
+    println!(
+        "lookups: first (builds the index) {:.1} ms; then by cluster IP {:.1} us, by endpoint IP {:.1} us, by name {:.1} us, routing a request {:.1} us",
+        first.as_secs_f64() * 1e3,
+        by_cluster_ip.as_secs_f64() * 1e6,
+        by_endpoint_ip.as_secs_f64() * 1e6,
+        by_name.as_secs_f64() * 1e6,
+        routed.as_secs_f64() * 1e6,
+    );
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -128,6 +188,9 @@ fn main() {
     let counts: Vec<String> =
         generated.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("{} {k}", v.len())).collect();
     println!("objects: {}", counts.join(", "));
+
+    // 0. Lookups a connection, a request and a DNS query make, timed on a snapshot of it all.
+    lookups(&generated, services, endpoints);
 
     // 1. A full relist of every kind, committed in one transaction.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");

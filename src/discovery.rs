@@ -179,10 +179,9 @@ pub fn resolve_addr(snapshot: &Snapshot, settings: &Settings, addr: SocketAddr) 
             unknown.push(format!("{source} has not listed services yet"));
             continue;
         };
-        for object in services.values() {
-            let Object::Service(svc) = object else { continue };
-            let port_matches = addr.port() == 0 || svc.ports.iter().any(|p| p.port == addr.port());
-            if svc.cluster_ips.contains(&addr.ip()) && port_matches {
+        for key in view.index().services_with_ip(addr.ip()) {
+            let Some(Object::Service(svc)) = services.get(key) else { continue };
+            if addr.port() == 0 || svc.ports.iter().any(|p| p.port == addr.port()) {
                 let name = served_name(settings, source, &svc.meta.name);
                 let found = [(source.clone(), svc.meta.clone())];
                 return Lookup::Found(assemble(snapshot, settings, &svc.meta.namespace, &name, &found, None));
@@ -194,21 +193,12 @@ pub fn resolve_addr(snapshot: &Snapshot, settings: &Settings, addr: SocketAddr) 
             unknown.push(format!("{source} has not listed endpoints yet"));
             continue;
         };
-        for object in slices.values() {
-            let Object::EndpointSlice(slice) = object else { continue };
-            if slice.endpoints.iter().any(|e| e.addresses.contains(&addr.ip())) {
-                let name = served_name(settings, source, &slice.service);
-                let service = ObjectRef::new(&slice.meta.namespace, &slice.service);
-                let found = [(source.clone(), service)];
-                return Lookup::Found(assemble(
-                    snapshot,
-                    settings,
-                    &slice.meta.namespace,
-                    &name,
-                    &found,
-                    Some(addr.ip()),
-                ));
-            }
+        let slice = view.index().slice_with_ip(addr.ip()).and_then(|key| slices.get(key));
+        if let Some(Object::EndpointSlice(slice)) = slice {
+            let name = served_name(settings, source, &slice.service);
+            let service = ObjectRef::new(&slice.meta.namespace, &slice.service);
+            let found = [(source.clone(), service)];
+            return Lookup::Found(assemble(snapshot, settings, &slice.meta.namespace, &name, &found, Some(addr.ip())));
         }
     }
     if unknown.is_empty() { Lookup::NotFound } else { Lookup::Unknown { reason: unknown.join("; ") } }
@@ -277,18 +267,12 @@ fn endpoints(
     source: &SourceId,
     service: &ObjectRef,
 ) -> Option<Vec<ResolvedEndpoint>> {
-    let slices = snapshot.objects(source, Kind::EndpointSlice)?;
-    let pods = snapshot.objects(source, Kind::Pod);
-    let start = ObjectRef::new(&service.namespace, "");
+    let view = snapshot.source(source)?;
+    let slices = view.objects(Kind::EndpointSlice)?;
+    let pods = view.objects(Kind::Pod);
     let mut out = Vec::new();
-    for (key, object) in slices.range(start..) {
-        if key.namespace != service.namespace {
-            break;
-        }
-        let Object::EndpointSlice(slice) = object else { continue };
-        if slice.service != service.name {
-            continue;
-        }
+    for key in view.index().slices_of(service) {
+        let Some(Object::EndpointSlice(slice)) = slices.get(key) else { continue };
         for endpoint in &slice.endpoints {
             out.push(resolve_endpoint(settings, source, &slice.ports, endpoint, pods));
         }

@@ -176,3 +176,67 @@ fn addresses_resolve_by_cluster_ip_or_endpoint_ip() {
     assert_eq!(by_endpoint.name, "api");
     assert_eq!(by_endpoint.endpoints.unwrap().len(), 1);
 }
+
+#[test]
+fn lookups_follow_changes_to_a_view_whose_index_was_built() {
+    let settings = settings(&[]);
+    let resolve = |view: &SourceView, addr: &str| {
+        let snapshot = Snapshot::from_sources([(SourceId::Local, view.clone())]);
+        resolve_addr(&snapshot, &settings, addr.parse().unwrap())
+    };
+    let mut view = view(vec![service("shop", "api", "10.0.0.1")], Some(vec![]), vec![]);
+    assert_eq!(
+        view.index().services_with_ip("10.0.0.1".parse().unwrap()).collect::<Vec<_>>(),
+        [&ObjectRef::new("shop", "api")]
+    );
+    // Changed in place after the index was built (the store's writer owns its views once no
+    // snapshot shares them): the old index must not answer.
+    view.set_kind(Kind::Service, vec![service("shop", "web", "10.0.0.1"), service("shop", "db", "10.0.0.2")]);
+    assert_eq!(
+        view.index().services_with_ip("10.0.0.1".parse().unwrap()).collect::<Vec<_>>(),
+        [&ObjectRef::new("shop", "web")]
+    );
+    assert_eq!(found(resolve(&view, "10.0.0.2:80")).name, "db");
+    view.set_kind(Kind::EndpointSlice, vec![slice("shop", "db", &[("10.1.0.9", None)])]);
+    assert_eq!(found(resolve(&view, "10.1.0.9:8080")).name, "db");
+    assert_eq!(found(resolve(&view, "10.0.0.2:80")).endpoints.unwrap().len(), 1);
+}
+
+#[test]
+fn a_service_gets_only_its_own_slices_among_many_in_its_namespace() {
+    let services: Vec<Object> = (0..50).map(|i| service("shop", &format!("svc{i}"), &format!("10.0.0.{i}"))).collect();
+    let slices: Vec<Object> =
+        (0..50).map(|i| slice("shop", &format!("svc{i}"), &[(&format!("10.1.0.{i}"), None)])).collect();
+    let snapshot = Snapshot::from_sources([(SourceId::Local, view(services, Some(slices), vec![]))]);
+    let settings = settings(&[]);
+    for i in [0, 7, 49] {
+        let resolved = found(resolve_name(&snapshot, &settings, &format!("svc{i}.shop")));
+        let endpoints = resolved.endpoints.unwrap();
+        assert_eq!(endpoints.len(), 1, "svc{i}");
+        assert_eq!(endpoints[0].addresses, vec![format!("10.1.0.{i}").parse::<IpAddr>().unwrap()]);
+        let by_endpoint = found(resolve_addr(&snapshot, &settings, format!("10.1.0.{i}:8080").parse().unwrap()));
+        assert_eq!(by_endpoint.name, format!("svc{i}"));
+    }
+}
+
+#[test]
+fn an_address_in_two_slices_belongs_to_the_first_slice_by_key() {
+    // Slice names sort the other way round from their services' names.
+    let named = |object: Object, name: &str| match object {
+        Object::EndpointSlice(mut slice) => {
+            slice.meta.name = name.into();
+            Object::EndpointSlice(slice)
+        }
+        other => other,
+    };
+    let slices = vec![
+        named(slice("shop", "alpha", &[("10.1.0.5", None)]), "zz-alpha"),
+        named(slice("shop", "omega", &[("10.1.0.5", None), ("10.1.0.6", None)]), "aa-omega"),
+    ];
+    let services = vec![service("shop", "alpha", "10.0.0.1"), service("shop", "omega", "10.0.0.2")];
+    let snapshot = Snapshot::from_sources([(SourceId::Local, view(services, Some(slices), vec![]))]);
+    let resolved = found(resolve_addr(&snapshot, &settings(&[]), "10.1.0.5:8080".parse().unwrap()));
+    assert_eq!(resolved.name, "omega");
+    let alpha = found(resolve_name(&snapshot, &settings(&[]), "alpha.shop"));
+    assert_eq!(alpha.endpoints.unwrap().len(), 1);
+}

@@ -5,9 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{RequestInfo, objects, smi_match};
+use super::{RequestInfo, indexed, smi_match};
 use crate::discovery::Settings;
-use crate::model::{Kind, Object, RouteRef, TrafficTarget};
+use crate::model::{Kind, Object, ObjectRef, RouteRef, TrafficTarget};
 use crate::store::Snapshot;
 
 /// The policy for workloads that no TrafficTarget selects.
@@ -58,8 +58,9 @@ pub fn authorize(
     if let Some((source, _)) = snapshot.sources().find(|(_, view)| !view.is_known(Kind::TrafficTarget)) {
         return deny("unknown", format!("{source} has not listed TrafficTargets yet; authorization is unknown"));
     }
-    let targets: Vec<&TrafficTarget> = objects(snapshot, Kind::TrafficTarget)
-        .filter_map(|(_, o)| match o {
+    let account = ObjectRef::new(destination.namespace, destination.service_account);
+    let targets: Vec<&TrafficTarget> = indexed(snapshot, Kind::TrafficTarget, |index| index.targets_for(&account))
+        .filter_map(|o| match o {
             Object::TrafficTarget(t) if selects(t, &destination) => Some(t),
             _ => None,
         })
@@ -123,19 +124,15 @@ fn rule_allows(
     port: u16,
     request: Option<&RequestInfo<'_>>,
 ) -> bool {
-    let namespace = &target.meta.namespace;
-    objects(snapshot, rule.kind).any(|(key, object)| {
-        if key.namespace != *namespace || key.name != rule.name {
-            return false;
-        }
-        match (object, request) {
-            (Object::TcpRoute(route), _) => route.ports.is_empty() || route.ports.contains(&port),
-            (Object::HttpRouteGroup(group), Some(request)) => group
-                .matches
-                .iter()
-                .filter(|m| rule.matches.is_empty() || rule.matches.contains(&m.name))
-                .any(|m| smi_match(m, request)),
-            _ => false,
-        }
+    let key = ObjectRef::new(&target.meta.namespace, &rule.name);
+    let mut named = snapshot.sources().filter_map(|(_, view)| view.objects(rule.kind)?.get(&key));
+    named.any(|object| match (object, request) {
+        (Object::TcpRoute(route), _) => route.ports.is_empty() || route.ports.contains(&port),
+        (Object::HttpRouteGroup(group), Some(request)) => group
+            .matches
+            .iter()
+            .filter(|m| rule.matches.is_empty() || rule.matches.contains(&m.name))
+            .any(|m| smi_match(m, request)),
+        _ => false,
     })
 }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use http::HeaderMap;
 
 use crate::model::{HttpMatch, Kind, Object, ObjectRef};
-use crate::store::Snapshot;
+use crate::store::{Snapshot, SourceIndex};
 
 /// What routing and authorization look at in a request.
 #[derive(Debug, Clone, Copy)]
@@ -36,9 +36,18 @@ impl<'a> RequestInfo<'a> {
     }
 }
 
-/// Every object of `kind` in every source, in a stable order (source, namespace, name).
-fn objects(snapshot: &Snapshot, kind: Kind) -> impl Iterator<Item = (&ObjectRef, &Object)> {
-    snapshot.sources().filter_map(move |(source, _)| snapshot.objects(source, kind)).flat_map(|objects| objects.iter())
+/// The objects of `kind` that an index lookup names, source by source (in source order, then key
+/// order), from the sources where the kind is known.
+fn indexed<'s>(
+    snapshot: &'s Snapshot,
+    kind: Kind,
+    lookup: impl Fn(&'s SourceIndex) -> &'s [ObjectRef] + Copy + 's,
+) -> impl Iterator<Item = &'s Object> + 's {
+    snapshot.sources().flat_map(move |(_, view)| {
+        let objects = view.objects(kind);
+        let keys = if objects.is_some() { lookup(view.index()) } else { &[] };
+        keys.iter().filter_map(move |key| objects?.get(key))
+    })
 }
 
 /// Compiled regular expressions, by pattern; patterns come from policy objects, so they are

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use super::{RequestInfo, full_match, objects, smi_match};
-use crate::model::{HttpRoute, HttpRouteMatch, Kind, Object, PathMatch, RouteRetry, TrafficSplit};
+use super::{RequestInfo, full_match, indexed, smi_match};
+use crate::model::{HttpRoute, HttpRouteMatch, Kind, Object, ObjectRef, PathMatch, RouteRetry, TrafficSplit};
 use crate::store::Snapshot;
 
 /// A weighted backend service.
@@ -80,8 +80,9 @@ pub fn choose(
     request: &RequestInfo<'_>,
     exists: impl Fn(&str, &str) -> bool,
 ) -> Choice {
-    let routes: Vec<&HttpRoute> = objects(snapshot, Kind::HttpRoute)
-        .filter_map(|(_, o)| match o {
+    let target = ObjectRef::new(namespace, service);
+    let routes: Vec<&HttpRoute> = indexed(snapshot, Kind::HttpRoute, |index| index.routes_with_parent(&target))
+        .filter_map(|o| match o {
             Object::HttpRoute(r) if attaches(r, namespace, service, port) => Some(r),
             _ => None,
         })
@@ -89,8 +90,8 @@ pub fn choose(
     if !routes.is_empty() {
         return from_http_routes(&routes, namespace, service, request, exists);
     }
-    let splits = objects(snapshot, Kind::TrafficSplit).filter_map(|(_, o)| match o {
-        Object::TrafficSplit(s) if s.meta.namespace == namespace && s.service == service => Some(s),
+    let splits = indexed(snapshot, Kind::TrafficSplit, |index| index.splits_of(&target)).filter_map(|o| match o {
+        Object::TrafficSplit(s) => Some(s),
         _ => None,
     });
     for split in splits {
@@ -226,14 +227,14 @@ fn split_applies(snapshot: &Snapshot, split: &TrafficSplit, request: &RequestInf
         return true;
     }
     split.matches.iter().any(|reference| {
-        objects(snapshot, Kind::HttpRouteGroup).any(|(key, o)| match o {
-            Object::HttpRouteGroup(group) if key.namespace == split.meta.namespace && key.name == reference.name => {
-                group
-                    .matches
-                    .iter()
-                    .filter(|m| reference.matches.is_empty() || reference.matches.contains(&m.name))
-                    .any(|m| smi_match(m, request))
-            }
+        let key = ObjectRef::new(&split.meta.namespace, &reference.name);
+        let mut groups = snapshot.sources().filter_map(|(_, view)| view.objects(Kind::HttpRouteGroup)?.get(&key));
+        groups.any(|o| match o {
+            Object::HttpRouteGroup(group) => group
+                .matches
+                .iter()
+                .filter(|m| reference.matches.is_empty() || reference.matches.contains(&m.name))
+                .any(|m| smi_match(m, request)),
             _ => false,
         })
     })

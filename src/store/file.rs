@@ -180,7 +180,7 @@ impl StoreFile {
             let id: SourceId = key.value().parse().map_err(|e| self.corrupt(e))?;
             let meta: SyncMeta = serde_json::from_slice(value.value())
                 .map_err(|e| self.corrupt(format!("sync metadata of {id}: {e}")))?;
-            sources.insert(id, SourceView { kinds: BTreeMap::new(), meta });
+            sources.insert(id, SourceView::with_meta(meta));
         }
         let table = txn.open_table(OBJECTS).map_err(|e| self.corrupt(e))?;
         // Gathered first and built in one go: a B-tree built from a sequence packs its nodes
@@ -199,7 +199,7 @@ impl StoreFile {
         }
         for ((source, kind), objects) in kinds {
             let view = sources.entry(source).or_default();
-            view.kinds.insert(kind, Arc::new(objects.into_iter().collect::<Objects>()));
+            view.kinds_mut().insert(kind, Arc::new(objects.into_iter().collect::<Objects>()));
         }
         Ok(sources)
     }

@@ -8,6 +8,7 @@
 
 pub mod export;
 mod file;
+mod index;
 mod legacy;
 pub mod metrics;
 mod snapshot;
@@ -20,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 
 pub use file::{Quarantined, SCHEMA_VERSION};
+pub use index::SourceIndex;
 pub use snapshot::{LinkState, Objects, Snapshot, SourceView, SyncMeta, unix_seconds};
 
 use crate::drain;
@@ -301,10 +303,10 @@ impl Writer {
                     // cloned first, and a map built from a sequence packs its nodes full (one
                     // filled by inserts in order leaves them about half empty).
                     None => {
-                        view.kinds.insert(kind, Arc::new(fresh.collect()));
+                        view.kinds_mut().insert(kind, Arc::new(fresh.collect()));
                     }
                     Some(ns) => {
-                        let current = Arc::make_mut(view.kinds.entry(kind).or_default());
+                        let current = Arc::make_mut(view.kinds_mut().entry(kind).or_default());
                         current.retain(|key, _| key.namespace != ns);
                         current.extend(fresh);
                     }
@@ -327,14 +329,14 @@ impl Writer {
                 let kind = object.kind();
                 let key = object.object_ref().clone();
                 let view = self.view_mut(&source);
-                Arc::make_mut(view.kinds.entry(kind).or_default()).insert(key.clone(), object);
+                Arc::make_mut(view.kinds_mut().entry(kind).or_default()).insert(key.clone(), object);
                 set_resource_version(&mut view.meta, kind, resource_version);
                 view.meta.last_contact = Some(now);
                 self.touch(source, kind, key);
             }
             Update::Delete { kind, key, resource_version, .. } => {
                 let view = self.view_mut(&source);
-                if let Some(objects) = view.kinds.get_mut(&kind) {
+                if let Some(objects) = view.kinds_mut().get_mut(&kind) {
                     Arc::make_mut(objects).remove(&key);
                 }
                 set_resource_version(&mut view.meta, kind, resource_version);
@@ -343,7 +345,7 @@ impl Writer {
             }
             Update::Absent { kind, .. } => {
                 let view = self.view_mut(&source);
-                view.kinds.remove(&kind);
+                view.kinds_mut().remove(&kind);
                 view.meta.synced_kinds.remove(&kind);
                 view.meta.absent_kinds.insert(kind);
                 view.meta.resource_versions.remove(&kind);
@@ -471,11 +473,11 @@ impl Writer {
             ops.push(Op::ForgetSource { source: source.clone() });
         }
         for (source, kind) in &dirty.replaced {
-            let objects = self.sources.get(source).and_then(|view| view.kinds.get(kind).cloned()).unwrap_or_default();
+            let objects = self.sources.get(source).and_then(|view| view.kinds().get(kind).cloned()).unwrap_or_default();
             ops.push(Op::ReplaceKind { source: source.clone(), kind: *kind, objects });
         }
         for ((source, kind), keys) in &dirty.touched {
-            let current = self.sources.get(source).and_then(|view| view.kinds.get(kind));
+            let current = self.sources.get(source).and_then(|view| view.kinds().get(kind));
             for key in keys {
                 match current.and_then(|objects| objects.get(key)) {
                     Some(object) => ops.push(Op::Put { source: source.clone(), object: object.clone() }),

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::index::{LazyIndex, SourceIndex};
 use crate::model::{Kind, Object, ObjectRef, SourceId};
 
 /// One kind's objects in one source.
@@ -25,8 +26,11 @@ pub struct Snapshot {
 /// One source's objects and sync state.
 #[derive(Debug, Clone, Default)]
 pub struct SourceView {
-    pub(super) kinds: BTreeMap<Kind, Arc<Objects>>,
+    kinds: BTreeMap<Kind, Arc<Objects>>,
     pub meta: SyncMeta,
+    /// Built from `kinds` when first asked for; every change of `kinds` (through `kinds_mut`)
+    /// drops it.
+    index: LazyIndex,
 }
 
 /// What is known about a source's synchronisation. Persisted with its objects.
@@ -109,11 +113,32 @@ impl Snapshot {
 }
 
 impl SourceView {
+    /// A view with no objects yet.
+    pub(super) fn with_meta(meta: SyncMeta) -> Self {
+        Self { meta, ..Self::default() }
+    }
+
     /// Sets a kind's complete contents and marks it listed.
     pub fn set_kind(&mut self, kind: Kind, objects: impl IntoIterator<Item = Object>) {
         let objects: Objects = objects.into_iter().map(|o| (o.object_ref().clone(), o)).collect();
-        self.kinds.insert(kind, Arc::new(objects));
+        self.kinds_mut().insert(kind, Arc::new(objects));
         self.meta.synced_kinds.insert(kind);
+    }
+
+    /// The objects by kind, stored or not yet synced alike (`objects` answers only known kinds).
+    pub(super) fn kinds(&self) -> &BTreeMap<Kind, Arc<Objects>> {
+        &self.kinds
+    }
+
+    /// The objects by kind, to change: the index is dropped and built again when next asked for.
+    pub(super) fn kinds_mut(&mut self) -> &mut BTreeMap<Kind, Arc<Objects>> {
+        self.index = LazyIndex::default();
+        &mut self.kinds
+    }
+
+    /// Lookups over the stored objects (built on first use, then kept until they change).
+    pub fn index(&self) -> &SourceIndex {
+        self.index.get_or_build(self)
     }
 
     /// Objects of one kind; `None` when the kind has never been fully listed.
