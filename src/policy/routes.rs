@@ -2,17 +2,18 @@
 //! precedence), else the service's TrafficSplit, else the service itself; then one backend
 //! chosen by weight among those that exist.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use super::{RequestInfo, full_match, indexed, smi_match};
-use crate::model::{HttpRoute, HttpRouteMatch, Kind, Object, ObjectRef, PathMatch, RouteRetry, TrafficSplit};
+use crate::model::{HttpRoute, HttpRouteMatch, Kind, Name, Object, ObjectRef, PathMatch, RouteRetry, TrafficSplit};
 use crate::store::Snapshot;
 
 /// A weighted backend service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
-    pub namespace: String,
-    pub service: String,
+    pub namespace: Name,
+    pub service: Name,
     /// The port on the backend service; `None` keeps the request's port.
     pub port: Option<u16>,
     pub weight: u32,
@@ -22,7 +23,7 @@ pub struct Backend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Choice {
     /// What decided: `HTTPRoute shop/name rule 0`, `TrafficSplit shop/name` or `default`.
-    pub by: String,
+    pub by: Cow<'static, str>,
     /// Backends that exist, with weights; empty when an HTTPRoute applies but no rule matches
     /// (404) or none of the rule's backends exists (500).
     pub backends: Vec<Backend>,
@@ -37,8 +38,8 @@ pub struct Choice {
 }
 
 impl Choice {
-    fn to(by: String, backends: Vec<Backend>) -> Self {
-        Self { by, backends, refusal: None, request_timeout: None, backend_timeout: None, retry: None }
+    fn to(by: impl Into<Cow<'static, str>>, backends: Vec<Backend>) -> Self {
+        Self { by: by.into(), backends, refusal: None, request_timeout: None, backend_timeout: None, retry: None }
     }
 
     /// The backend for a uniformly random `roll` in `0..u32::MAX` (weights need not sum to
@@ -101,8 +102,8 @@ pub fn choose(
                 .iter()
                 .filter(|b| b.weight > 0 && exists(namespace, &b.service))
                 .map(|b| Backend {
-                    namespace: namespace.to_owned(),
-                    service: b.service.clone(),
+                    namespace: namespace.into(),
+                    service: b.service.as_str().into(),
                     port: None,
                     weight: b.weight,
                 })
@@ -113,10 +114,7 @@ pub fn choose(
             }
         }
     }
-    Choice::to(
-        "default".to_owned(),
-        vec![Backend { namespace: namespace.to_owned(), service: service.to_owned(), port: None, weight: 1 }],
-    )
+    Choice::to("default", vec![Backend { namespace: namespace.into(), service: service.into(), port: None, weight: 1 }])
 }
 
 /// An HTTPRoute attaches to a Service parent (group "" or "core") of that name and namespace,
@@ -162,18 +160,15 @@ fn from_http_routes(
     let by = format!("HTTPRoute {}/{} rule {rule_index}", route.meta.namespace, route.meta.name);
     let mut choice = if rule.backends.is_empty() {
         // No backendRefs: the request goes to the parent service itself.
-        Choice::to(
-            by,
-            vec![Backend { namespace: namespace.to_owned(), service: service.to_owned(), port: None, weight: 1 }],
-        )
+        Choice::to(by, vec![Backend { namespace: namespace.into(), service: service.into(), port: None, weight: 1 }])
     } else {
         let backends: Vec<Backend> = rule
             .backends
             .iter()
             .filter(|b| b.weight > 0 && exists(&b.namespace, &b.name))
             .map(|b| Backend {
-                namespace: b.namespace.clone(),
-                service: b.name.clone(),
+                namespace: b.namespace.as_str().into(),
+                service: b.name.as_str().into(),
                 port: b.port,
                 weight: b.weight,
             })

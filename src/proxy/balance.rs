@@ -154,15 +154,15 @@ impl Balancer {
         }
     }
 
-    /// Picks in `candidates` (the topology's preferred part of the service's `ready`
-    /// endpoints), or `None` when all of them are ejected and none is due for a probe. The state
-    /// of ready endpoints outside the tier (ejections, latency) is kept for when they are
+    /// Picks in `tier` (the topology's preferred part of the service's `ready` endpoints; all of
+    /// them when `None`), or `None` when all of them are ejected and none is due for a probe. The
+    /// state of ready endpoints outside the tier (ejections, latency) is kept for when they are
     /// preferred again. `roll` is a random number.
     pub fn pick(
         self: &Arc<Self>,
         service: &str,
         ready: &[Candidate],
-        candidates: &[&Candidate],
+        tier: Option<&[&Candidate]>,
         roll: u64,
     ) -> Option<InFlight> {
         let now = Instant::now();
@@ -177,7 +177,11 @@ impl Balancer {
             endpoints.retain(|addr, e| e.pending > 0 || ready.iter().any(|c| c.addr == *addr));
         }
         let settings = &self.settings;
-        let mut available: Vec<SocketAddr> = Vec::with_capacity(candidates.len());
+        let mut available: Vec<SocketAddr> = Vec::with_capacity(tier.map_or(ready.len(), <[_]>::len));
+        let candidates: &mut dyn Iterator<Item = &Candidate> = match tier {
+            Some(tier) => &mut tier.iter().copied(),
+            None => &mut ready.iter(),
+        };
         for candidate in candidates {
             let endpoint = endpoints.entry(candidate.addr).or_insert_with(|| Endpoint::new(settings.default_rtt, now));
             if endpoint.available(now) {
@@ -350,14 +354,20 @@ fn unit_random() -> f64 {
     (roll() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// A random number for picks (not for anything secret).
+/// A random number for picks (not for anything secret): wyrand, one stream per thread, each
+/// seeded from the standard library's random hash keys.
 pub fn roll() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.finish()
+    use std::cell::Cell;
+    use std::hash::BuildHasher;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(std::collections::hash_map::RandomState::new().hash_one(0u64));
+    }
+    STATE.with(|state| {
+        let next = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+        state.set(next);
+        let product = u128::from(next) * u128::from(next ^ 0xe703_7ed1_a0b4_28db);
+        (product as u64) ^ ((product >> 64) as u64)
+    })
 }
 
 #[cfg(test)]

@@ -242,8 +242,8 @@ impl std::fmt::Debug for PeerPool {
 
 /// Where an outbound HTTP request goes, decided per request.
 pub enum Route {
-    Meshed { peer: SocketAddr, identity: String, target_port: u16, authority: String },
-    Plain { addr: SocketAddr, authority: String },
+    Meshed { peer: SocketAddr, identity: String, target_port: u16, authority: Arc<str> },
+    Plain { addr: SocketAddr, authority: Arc<str> },
 }
 
 /// Runs an HTTP server connection to its end. It is closed gracefully (requests in flight
@@ -314,7 +314,7 @@ pub struct Routed {
     /// not retryable at all).
     pub retry: Option<RouteRetry>,
     /// The service asked for (`name.ns.svc.<domain>:port`), before any split: the metrics label.
-    pub authority: String,
+    pub authority: Arc<str>,
 }
 
 impl Route {

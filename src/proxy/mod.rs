@@ -205,7 +205,7 @@ pub enum Error {
     Forbidden(String),
     /// An HTTPRoute applies and refuses the request (no rule matches, or no backend exists).
     #[error("{by}: no route ({status})")]
-    NoRoute { status: u16, by: String },
+    NoRoute { status: u16, by: std::borrow::Cow<'static, str> },
     /// Reading the first bytes or the handshake took too long.
     #[error("timed out: {0}")]
     Timeout(&'static str),

@@ -40,9 +40,9 @@ pub enum Target {
 #[derive(Debug, Clone, PartialEq)]
 enum Plan {
     /// To a meshed endpoint: mTLS to its inbound port, then the header naming `target_port`.
-    Meshed { peer: SocketAddr, identity: String, target_port: u16, authority: String },
+    Meshed { peer: SocketAddr, identity: String, target_port: u16, authority: Arc<str> },
     /// To an endpoint without identity: plain TCP.
-    Plain { addr: SocketAddr, authority: String },
+    Plain { addr: SocketAddr, authority: Arc<str> },
     /// An unknown destination: forwarded to where it was going.
     Passthrough { addr: SocketAddr },
 }
@@ -51,8 +51,8 @@ impl Plan {
     /// Metric labels of a connection carried this way.
     fn labels(&self, direction: &'static str) -> ConnectionLabels {
         let (tls, target, identity) = match self {
-            Plan::Meshed { identity, authority, .. } => ("true", authority.clone(), identity.clone()),
-            Plan::Plain { authority, .. } => ("no_identity", authority.clone(), String::new()),
+            Plan::Meshed { identity, authority, .. } => ("true", authority.to_string(), identity.clone()),
+            Plan::Plain { authority, .. } => ("no_identity", authority.to_string(), String::new()),
             Plan::Passthrough { .. } => ("passthrough", "unknown".to_owned(), String::new()),
         };
         ConnectionLabels { direction, tls, target, identity }
@@ -143,7 +143,10 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
         }
         Protocol::Opaque | Protocol::Tls => {
             let (plan, in_flight) = match resolve(&proxy, &destination)? {
-                Resolution::Service { resolved, port } => plan_for(&proxy, &resolved, port)?,
+                Resolution::Service { resolved, port } => {
+                    let authority = format!("{}:{port}", resolved.fqdn).into();
+                    plan_for(&proxy, &resolved, port, authority)?
+                }
                 Resolution::Passthrough(addr) => (Plan::Passthrough { addr }, None),
             };
             carry(&proxy, client, plan, in_flight).await
@@ -275,11 +278,10 @@ fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -
     let (resolution, authority) =
         resolver.resolve(proxy, request).map_err(|error| Refused { error, authority: None })?;
     match &*resolution {
-        Resolution::Service { resolved, port } => route_to(proxy, resolved, *port, authority.to_string(), request)
+        Resolution::Service { resolved, port } => route_to(proxy, resolved, *port, Arc::clone(&authority), request)
             .map_err(|error| Refused { error, authority: Some(authority.to_string()) }),
         Resolution::Passthrough(addr) => {
-            let route = Route::Plain { addr: *addr, authority: "unknown".into() };
-            let authority = "unknown".to_owned();
+            let route = Route::Plain { addr: *addr, authority: Arc::clone(&authority) };
             Ok(Routed {
                 route,
                 in_flight: None,
@@ -298,7 +300,7 @@ fn route_to(
     proxy: &Proxy,
     resolved: &Resolved,
     port: u16,
-    authority: String,
+    authority: Arc<str>,
     request: &RequestInfo<'_>,
 ) -> Result<Routed, Error> {
     let snapshot = proxy.snapshots.borrow().clone();
@@ -312,14 +314,22 @@ fn route_to(
     if let Some(status) = choice.refusal {
         return Err(Error::NoRoute { status, by: choice.by });
     }
-    let backend = choice.pick(balance::roll() as u32).ok_or_else(|| Error::NoEndpoint(authority.clone()))?;
+    let backend = choice.pick(balance::roll() as u32).ok_or_else(|| Error::NoEndpoint(authority.to_string()))?;
     let backend_port = backend.port.unwrap_or(port);
     let (plan, in_flight) = if backend.service == resolved.name && backend.namespace == resolved.namespace {
-        plan_for(proxy, resolved, backend_port)?
+        let backend_authority = if backend_port == port {
+            Arc::clone(&authority)
+        } else {
+            format!("{}:{backend_port}", resolved.fqdn).into()
+        };
+        plan_for(proxy, resolved, backend_port, backend_authority)?
     } else {
         let name = format!("{}.{}", backend.service, backend.namespace);
         match discovery::resolve_name(&snapshot, &proxy.settings, &name) {
-            Lookup::Found(backend) => plan_for(proxy, &backend, backend_port)?,
+            Lookup::Found(backend) => {
+                let authority = format!("{}:{backend_port}", backend.fqdn).into();
+                plan_for(proxy, &backend, backend_port, authority)?
+            }
             Lookup::Unknown { .. } => return Err(Error::EndpointsUnknown(format!("{name}:{backend_port}"))),
             Lookup::NotFound => return Err(Error::NoEndpoint(format!("{name}:{backend_port} (split backend)"))),
         }
@@ -342,11 +352,18 @@ fn route_to(
 }
 
 /// Picks a ready endpoint (topology first, then the balancer) and the port on it that
-/// `service_port` maps to.
-fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<(Plan, Option<InFlight>), Error> {
-    let authority = format!("{}:{service_port}", resolved.fqdn);
-    let endpoints = resolved.endpoints.as_ref().ok_or_else(|| Error::EndpointsUnknown(authority.clone()))?;
-    let target_port = |endpoint: &ResolvedEndpoint| match resolved.ports.iter().find(|p| p.port == service_port) {
+/// `service_port` maps to. `authority` is the service's `name.ns.svc.<domain>:port`.
+fn plan_for(
+    proxy: &Proxy,
+    resolved: &Resolved,
+    service_port: u16,
+    authority: Arc<str>,
+) -> Result<(Plan, Option<InFlight>), Error> {
+    let Some(endpoints) = resolved.endpoints.as_ref() else {
+        return Err(Error::EndpointsUnknown(authority.to_string()));
+    };
+    let service_port_entry = resolved.ports.iter().find(|p| p.port == service_port);
+    let target_port = |endpoint: &ResolvedEndpoint| match service_port_entry {
         Some(port) => match &port.target_port {
             TargetPort::Number(n) => Some(*n),
             TargetPort::Name(name) => {
@@ -356,46 +373,41 @@ fn plan_for(proxy: &Proxy, resolved: &Resolved, service_port: u16) -> Result<(Pl
         // A connection straight to an endpoint address, or a port the service does not list.
         None => Some(service_port),
     };
-    let ready: Vec<(&ResolvedEndpoint, u16)> = endpoints
-        .iter()
-        .filter(|e| e.ready && !e.addresses.is_empty())
-        .filter_map(|e| Some((e, target_port(e)?)))
-        .collect();
-    if ready.is_empty() {
-        return Err(Error::NoEndpoint(authority));
-    }
-    let candidates: Vec<Candidate> = ready
-        .iter()
-        .map(|(e, port)| Candidate {
-            addr: SocketAddr::new(e.addresses[0], *port),
+    let ready = || {
+        endpoints
+            .iter()
+            .filter(|e| e.ready && !e.addresses.is_empty())
+            .filter_map(|e| Some((e, SocketAddr::new(e.addresses[0], target_port(e)?))))
+    };
+    let candidates: Vec<Candidate> = ready()
+        .map(|(e, addr)| Candidate {
+            addr,
             node: e.node.as_deref(),
             zone: e.zone.as_deref(),
             hints: &e.hints_for_zones,
         })
         .collect();
-    let tier = if proxy.traffic_for(&authority).topology {
-        balance::preferred(&candidates, &proxy.locality, |c| proxy.balancer.usable(&authority, c.addr))
-    } else {
-        candidates.iter().collect()
-    };
+    if candidates.is_empty() {
+        return Err(Error::NoEndpoint(authority.to_string()));
+    }
+    let tier = proxy
+        .traffic_for(&authority)
+        .topology
+        .then(|| balance::preferred(&candidates, &proxy.locality, |c| proxy.balancer.usable(&authority, c.addr)));
     let in_flight = proxy
         .balancer
-        .pick(&authority, &candidates, &tier, balance::roll())
+        .pick(&authority, &candidates, tier.as_deref(), balance::roll())
         .ok_or_else(|| Error::NoEndpoint(format!("{authority} (every endpoint is ejected after failures)")))?;
-    let (endpoint, target_port) = ready
-        .iter()
-        .find(|(e, port)| SocketAddr::new(e.addresses[0], *port) == in_flight.addr())
-        .copied()
-        .ok_or_else(|| Error::NoEndpoint(authority.clone()))?;
-    let ip = endpoint.addresses[0];
+    let (endpoint, addr) =
+        ready().find(|(_, addr)| *addr == in_flight.addr()).ok_or_else(|| Error::NoEndpoint(authority.to_string()))?;
     let plan = match &endpoint.identity {
         Some(identity) => Plan::Meshed {
-            peer: SocketAddr::new(ip, proxy.peer_inbound_port),
+            peer: SocketAddr::new(addr.ip(), proxy.peer_inbound_port),
             identity: identity.clone(),
-            target_port,
+            target_port: addr.port(),
             authority,
         },
-        None => Plan::Plain { addr: SocketAddr::new(ip, target_port), authority },
+        None => Plan::Plain { addr, authority },
     };
     Ok((plan, Some(in_flight)))
 }
@@ -431,7 +443,7 @@ async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan, in_flight: Option<I
             .await;
             report(in_flight, connected.is_ok());
             let mut server = connected?;
-            let header = Header { target_port, protocol: Protocol::Opaque, authority: Some(authority) };
+            let header = Header { target_port, protocol: Protocol::Opaque, authority: Some(authority.to_string()) };
             server.write_all(&header.encode()).await?;
             splice(&mut client, &mut server, proxy.tcp_idle_timeout).await?;
         }

@@ -39,10 +39,9 @@ fn topology_prefers_the_node_then_the_zone_then_anything_usable() {
 fn two_choices_favour_the_faster_endpoint() {
     let balancer = balancer();
     let candidates = [candidate(1, "n", "z"), candidate(2, "n", "z")];
-    let refs: Vec<&Candidate> = candidates.iter().collect();
     let mut picks = [0u32; 2];
     for i in 0..400u64 {
-        let mut pick = balancer.pick("svc", &candidates, &refs, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
+        let mut pick = balancer.pick("svc", &candidates, None, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
         let slow = pick.addr() == candidates[1].addr;
         picks[usize::from(slow)] += 1;
         // Resolve the pick as if the endpoint answered in 1 ms or 50 ms.
@@ -59,21 +58,20 @@ fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
     config.ejection_jitter = crate::config::Ratio(0.0);
     let balancer = Arc::new(Balancer::new(&config));
     let only = [candidate(1, "n", "z")];
-    let refs: Vec<&Candidate> = only.iter().collect();
     for _ in 0..6 {
-        balancer.pick("svc", &only, &refs, 1).unwrap().finish(Outcome::Failure);
+        balancer.pick("svc", &only, None, 1).unwrap().finish(Outcome::Failure);
     }
     assert!(balancer.report("svc")[0].state == "active", "six failures are not enough");
-    balancer.pick("svc", &only, &refs, 1).unwrap().finish(Outcome::Failure);
+    balancer.pick("svc", &only, None, 1).unwrap().finish(Outcome::Failure);
     assert!(balancer.report("svc")[0].state.starts_with("ejected"), "{:?}", balancer.report("svc"));
-    assert!(balancer.pick("svc", &only, &refs, 1).is_none(), "no pick while ejected");
+    assert!(balancer.pick("svc", &only, None, 1).is_none(), "no pick while ejected");
     std::thread::sleep(Duration::from_millis(70));
-    let probe = balancer.pick("svc", &only, &refs, 1).expect("a probe is allowed after the backoff");
-    assert!(balancer.pick("svc", &only, &refs, 1).is_none(), "only one probe at a time");
+    let probe = balancer.pick("svc", &only, None, 1).expect("a probe is allowed after the backoff");
+    assert!(balancer.pick("svc", &only, None, 1).is_none(), "only one probe at a time");
     probe.finish(Outcome::Failure);
     assert!(balancer.report("svc")[0].state.starts_with("ejected"), "a failed probe ejects again");
     std::thread::sleep(Duration::from_millis(130)); // the backoff doubled to 100 ms
-    balancer.pick("svc", &only, &refs, 1).expect("probe").finish(Outcome::Success);
+    balancer.pick("svc", &only, None, 1).expect("probe").finish(Outcome::Success);
     assert_eq!(balancer.report("svc")[0].state, "active", "a successful probe restores it");
 }
 
@@ -84,13 +82,13 @@ fn an_ejection_outside_the_preferred_tier_is_remembered() {
     let (near, far) = (vec![&ready[0]], vec![&ready[1]]);
     // While the preferred zone had no ready endpoint, the far one failed and was ejected.
     for _ in 0..7 {
-        balancer.pick("svc", &ready, &far, 1).unwrap().finish(Outcome::Failure);
+        balancer.pick("svc", &ready, Some(&far), 1).unwrap().finish(Outcome::Failure);
     }
     for _ in 0..5 {
-        balancer.pick("svc", &ready, &near, 1).unwrap().finish(Outcome::Success);
+        balancer.pick("svc", &ready, Some(&near), 1).unwrap().finish(Outcome::Success);
     }
     assert!(!balancer.usable("svc", ready[1].addr), "still ejected: {:?}", balancer.report("svc"));
-    assert!(balancer.pick("svc", &ready, &far, 1).is_none(), "not picked before its backoff ends");
+    assert!(balancer.pick("svc", &ready, Some(&far), 1).is_none(), "not picked before its backoff ends");
 }
 
 #[test]
@@ -101,4 +99,22 @@ fn backoff_doubles_up_to_the_maximum_with_jitter_around_it() {
     assert_eq!(balancer.backoff(20, 0.5), Duration::from_secs(60));
     assert_eq!(balancer.backoff(0, 0.0), Duration::from_millis(500), "jitter 0.5 takes up to half off");
     assert!(balancer.backoff(0, 0.999) < Duration::from_millis(1500));
+}
+
+#[test]
+fn rolls_spread_evenly_in_their_low_and_high_bits() {
+    let mut low = [0u32; 10];
+    let mut high = [0u32; 16];
+    for _ in 0..20_000 {
+        let roll = roll();
+        low[(roll as u32 % 10) as usize] += 1;
+        high[(roll >> 60) as usize] += 1;
+    }
+    // Expected 2,000 and 1,250 per bucket; the bounds are more than six standard deviations out.
+    assert!(low.iter().all(|&n| (1_730..=2_270).contains(&n)), "{low:?}");
+    assert!(high.iter().all(|&n| (1_040..=1_460).contains(&n)), "{high:?}");
+    // Threads do not share a stream.
+    let other: Vec<u64> = std::thread::spawn(|| (0..4).map(|_| roll()).collect()).join().unwrap();
+    let here: Vec<u64> = (0..4).map(|_| roll()).collect();
+    assert_ne!(other, here);
 }
