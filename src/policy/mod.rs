@@ -41,7 +41,7 @@ impl<'a> RequestInfo<'a> {
 fn indexed<'s>(
     snapshot: &'s Snapshot,
     kind: Kind,
-    lookup: impl Fn(&'s SourceIndex) -> &'s [ObjectRef] + Copy + 's,
+    lookup: impl Fn(&'s SourceIndex) -> &'s [ObjectRef] + 's,
 ) -> impl Iterator<Item = &'s Object> + 's {
     snapshot.sources().flat_map(move |(_, view)| {
         let objects = view.objects(kind);

@@ -178,15 +178,15 @@ impl Balancer {
         }
         let settings = &self.settings;
         let mut available: Vec<SocketAddr> = Vec::with_capacity(tier.map_or(ready.len(), <[_]>::len));
-        let candidates: &mut dyn Iterator<Item = &Candidate> = match tier {
-            Some(tier) => &mut tier.iter().copied(),
-            None => &mut ready.iter(),
-        };
-        for candidate in candidates {
+        let mut consider = |candidate: &Candidate| {
             let endpoint = endpoints.entry(candidate.addr).or_insert_with(|| Endpoint::new(settings.default_rtt, now));
             if endpoint.available(now) {
                 available.push(candidate.addr);
             }
+        };
+        match tier {
+            Some(tier) => tier.iter().for_each(|candidate| consider(candidate)),
+            None => ready.iter().for_each(consider),
         }
         // An endpoint whose ejection has run out gets the next request: the probe that decides
         // whether it comes back.

@@ -199,7 +199,7 @@ impl StoreFile {
         }
         for ((source, kind), objects) in kinds {
             let view = sources.entry(source).or_default();
-            view.kinds_mut().insert(kind, Arc::new(objects.into_iter().collect::<Objects>()));
+            view.kind_mut(kind).insert(kind, Arc::new(objects.into_iter().collect::<Objects>()));
         }
         Ok(sources)
     }

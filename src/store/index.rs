@@ -16,8 +16,8 @@ use super::snapshot::SourceView;
 use crate::model::{Kind, Object, ObjectRef};
 
 /// One source's lookups; see the module comment. The lookups that grow with the cluster are
-/// sorted lists (binary search, no per-entry allocation); the policy ones, a few objects each,
-/// are maps.
+/// sorted lists searched by bisection (names are inline up to 24 bytes, so most entries own no
+/// allocation of their own); the policy ones, a few objects each, are maps.
 #[derive(Debug, Default)]
 pub struct SourceIndex {
     /// (cluster IP, service), sorted.
@@ -31,9 +31,14 @@ pub struct SourceIndex {
     targets_by_account: HashMap<ObjectRef, Vec<ObjectRef>>,
 }
 
-static NONE: &[ObjectRef] = &[];
+static EMPTY: &[ObjectRef] = &[];
 
 impl SourceIndex {
+    /// The kinds whose objects the index is built from; a change to any other kind keeps it.
+    pub(super) fn covers(kind: Kind) -> bool {
+        matches!(kind, Kind::Service | Kind::EndpointSlice | Kind::HttpRoute | Kind::TrafficSplit | Kind::TrafficTarget)
+    }
+
     fn build(view: &SourceView) -> Self {
         let mut index = Self::default();
         let all = |kind| view.kinds().get(&kind).into_iter().flat_map(|objects| objects.iter());
@@ -108,23 +113,23 @@ impl SourceIndex {
     /// HTTPRoutes with a parent of this namespace and name (of any kind: the caller checks
     /// which parent it is), in key order.
     pub fn routes_with_parent(&self, parent: &ObjectRef) -> &[ObjectRef] {
-        self.routes_by_parent.get(parent).map_or(NONE, Vec::as_slice)
+        self.routes_by_parent.get(parent).map_or(EMPTY, Vec::as_slice)
     }
 
     /// TrafficTargets whose destination is this service account (namespace and name), in key
     /// order.
     pub fn targets_for(&self, account: &ObjectRef) -> &[ObjectRef] {
-        self.targets_by_account.get(account).map_or(NONE, Vec::as_slice)
+        self.targets_by_account.get(account).map_or(EMPTY, Vec::as_slice)
     }
 
     /// TrafficSplits whose root is this service, in key order.
     pub fn splits_of(&self, service: &ObjectRef) -> &[ObjectRef] {
-        self.splits_by_service.get(service).map_or(NONE, Vec::as_slice)
+        self.splits_by_service.get(service).map_or(EMPTY, Vec::as_slice)
     }
 }
 
-/// A source view's index, built by the first reader that asks. Not carried by clones: a clone is
-/// made to be changed, and its index is built again from what it then holds.
+/// A source view's index, built by the first reader that asks. Not carried by clones: the store
+/// clones a view to change it, and the clone builds its own index from what it then holds.
 #[derive(Debug, Default)]
 pub(super) struct LazyIndex(OnceLock<SourceIndex>);
 
@@ -132,10 +137,34 @@ impl LazyIndex {
     pub(super) fn get_or_build(&self, view: &SourceView) -> &SourceIndex {
         self.0.get_or_init(|| SourceIndex::build(view))
     }
+
+    #[cfg(test)]
+    pub(super) fn is_built(&self) -> bool {
+        self.0.get().is_some()
+    }
 }
 
 impl Clone for LazyIndex {
     fn clone(&self) -> Self {
         Self::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_change_to_an_indexed_kind_drops_the_index() {
+        let mut view = SourceView::default();
+        for kind in Kind::ALL {
+            view.set_kind(kind, []);
+        }
+        view.index();
+        for kind in Kind::ALL {
+            view.set_kind(kind, []);
+            assert_eq!(view.index_is_built(), !SourceIndex::covers(kind), "{kind:?}");
+            view.index();
+        }
     }
 }

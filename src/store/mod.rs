@@ -303,10 +303,10 @@ impl Writer {
                     // cloned first, and a map built from a sequence packs its nodes full (one
                     // filled by inserts in order leaves them about half empty).
                     None => {
-                        view.kinds_mut().insert(kind, Arc::new(fresh.collect()));
+                        view.kind_mut(kind).insert(kind, Arc::new(fresh.collect()));
                     }
                     Some(ns) => {
-                        let current = Arc::make_mut(view.kinds_mut().entry(kind).or_default());
+                        let current = Arc::make_mut(view.kind_mut(kind).entry(kind).or_default());
                         current.retain(|key, _| key.namespace != ns);
                         current.extend(fresh);
                     }
@@ -329,14 +329,14 @@ impl Writer {
                 let kind = object.kind();
                 let key = object.object_ref().clone();
                 let view = self.view_mut(&source);
-                Arc::make_mut(view.kinds_mut().entry(kind).or_default()).insert(key.clone(), object);
+                Arc::make_mut(view.kind_mut(kind).entry(kind).or_default()).insert(key.clone(), object);
                 set_resource_version(&mut view.meta, kind, resource_version);
                 view.meta.last_contact = Some(now);
                 self.touch(source, kind, key);
             }
             Update::Delete { kind, key, resource_version, .. } => {
                 let view = self.view_mut(&source);
-                if let Some(objects) = view.kinds_mut().get_mut(&kind) {
+                if let Some(objects) = view.kind_mut(kind).get_mut(&kind) {
                     Arc::make_mut(objects).remove(&key);
                 }
                 set_resource_version(&mut view.meta, kind, resource_version);
@@ -345,7 +345,7 @@ impl Writer {
             }
             Update::Absent { kind, .. } => {
                 let view = self.view_mut(&source);
-                view.kinds_mut().remove(&kind);
+                view.kind_mut(kind).remove(&kind);
                 view.meta.synced_kinds.remove(&kind);
                 view.meta.absent_kinds.insert(kind);
                 view.meta.resource_versions.remove(&kind);

@@ -28,8 +28,8 @@ pub struct Snapshot {
 pub struct SourceView {
     kinds: BTreeMap<Kind, Arc<Objects>>,
     pub meta: SyncMeta,
-    /// Built from `kinds` when first asked for; every change of `kinds` (through `kinds_mut`)
-    /// drops it.
+    /// Built from `kinds` when first asked for; a change to a kind it covers (through
+    /// `kind_mut`) drops it.
     index: LazyIndex,
 }
 
@@ -121,7 +121,7 @@ impl SourceView {
     /// Sets a kind's complete contents and marks it listed.
     pub fn set_kind(&mut self, kind: Kind, objects: impl IntoIterator<Item = Object>) {
         let objects: Objects = objects.into_iter().map(|o| (o.object_ref().clone(), o)).collect();
-        self.kinds_mut().insert(kind, Arc::new(objects));
+        self.kind_mut(kind).insert(kind, Arc::new(objects));
         self.meta.synced_kinds.insert(kind);
     }
 
@@ -130,10 +130,18 @@ impl SourceView {
         &self.kinds
     }
 
-    /// The objects by kind, to change: the index is dropped and built again when next asked for.
-    pub(super) fn kinds_mut(&mut self) -> &mut BTreeMap<Kind, Arc<Objects>> {
-        self.index = LazyIndex::default();
+    /// The objects by kind, to change those of `kind` (and only those): when the index covers
+    /// `kind` it is dropped, and built again when next asked for.
+    pub(super) fn kind_mut(&mut self, kind: Kind) -> &mut BTreeMap<Kind, Arc<Objects>> {
+        if SourceIndex::covers(kind) {
+            self.index = LazyIndex::default();
+        }
         &mut self.kinds
+    }
+
+    #[cfg(test)]
+    pub(super) fn index_is_built(&self) -> bool {
+        self.index.is_built()
     }
 
     /// Lookups over the stored objects (built on first use, then kept until they change).
