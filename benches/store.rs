@@ -27,6 +27,9 @@ fn per_lookup(rounds: usize, mut lookup: impl FnMut(usize)) -> Duration {
 /// Times the lookups by address (a transparent connection), by name (an explicit connection, a
 /// DNS query), and the routing of a request; the very first lookup builds the index they all use.
 fn lookups(generated: &BTreeMap<Kind, Vec<Object>>, services: usize, endpoints: usize) {
+    if services == 0 || endpoints == 0 {
+        return;
+    }
     let mut view = store::SourceView::default();
     for (kind, objects) in generated {
         view.set_kind(*kind, objects.iter().cloned());
@@ -43,12 +46,12 @@ fn lookups(generated: &BTreeMap<Kind, Vec<Object>>, services: usize, endpoints: 
     found(discovery::resolve_addr(&snapshot, &settings, SocketAddr::new(ip(0), 80)));
     let first = first.elapsed();
     // Spread over the services: a scan in key order would find early ones sooner.
-    let service = |i: usize| (i * 7919) % services.max(1);
+    let service = |i: usize| (i * 7919) % services;
     let by_cluster_ip = per_lookup(1000, |i| {
         found(discovery::resolve_addr(&snapshot, &settings, SocketAddr::new(ip(service(i)), 80)));
     });
     let by_endpoint_ip = per_lookup(1000, |i| {
-        let endpoint = (i * 7919) % endpoints.max(1);
+        let endpoint = (i * 7919) % endpoints;
         found(discovery::resolve_addr(&snapshot, &settings, SocketAddr::new(ip(1_000_000 + endpoint), 8080)));
     });
     let by_name = per_lookup(1000, |i| {

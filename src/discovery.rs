@@ -73,6 +73,14 @@ pub struct Resolved {
     pub endpoints: Option<Vec<ResolvedEndpoint>>,
 }
 
+impl Resolved {
+    /// `name.ns.svc.<domain>:port`: how the proxy names the service on a port (the metrics
+    /// label, the balancer's and the retry budget's key).
+    pub fn authority(&self, port: u16) -> String {
+        format!("{}:{port}", self.fqdn)
+    }
+}
+
 /// Which source's service backs a resolved name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backing {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{RequestInfo, indexed, smi_match};
+use super::{RequestInfo, indexed, named, smi_match};
 use crate::discovery::Settings;
 use crate::model::{Kind, Object, ObjectRef, RouteRef, TrafficTarget};
 use crate::store::Snapshot;
@@ -125,8 +125,7 @@ fn rule_allows(
     request: Option<&RequestInfo<'_>>,
 ) -> bool {
     let key = ObjectRef::new(&target.meta.namespace, &rule.name);
-    let mut named = snapshot.sources().filter_map(|(_, view)| view.objects(rule.kind)?.get(&key));
-    named.any(|object| match (object, request) {
+    named(snapshot, rule.kind, &key).any(|object| match (object, request) {
         (Object::TcpRoute(route), _) => route.ports.is_empty() || route.ports.contains(&port),
         (Object::HttpRouteGroup(group), Some(request)) => group
             .matches

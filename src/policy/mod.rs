@@ -50,6 +50,11 @@ fn indexed<'s>(
     })
 }
 
+/// The object of `kind` with this key in each source where the kind is known, in source order.
+fn named<'s>(snapshot: &'s Snapshot, kind: Kind, key: &'s ObjectRef) -> impl Iterator<Item = &'s Object> + 's {
+    snapshot.sources().filter_map(move |(_, view)| view.objects(kind)?.get(key))
+}
+
 /// Compiled regular expressions, by pattern; patterns come from policy objects, so they are
 /// few and repeat. An invalid pattern never matches.
 static REGEXES: Mutex<Option<HashMap<String, Option<regex_lite::Regex>>>> = Mutex::new(None);

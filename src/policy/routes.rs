@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use super::{RequestInfo, full_match, indexed, smi_match};
+use super::{RequestInfo, full_match, indexed, named, smi_match};
 use crate::model::{HttpRoute, HttpRouteMatch, Kind, Name, Object, ObjectRef, PathMatch, RouteRetry, TrafficSplit};
 use crate::store::Snapshot;
 
@@ -223,8 +223,7 @@ fn split_applies(snapshot: &Snapshot, split: &TrafficSplit, request: &RequestInf
     }
     split.matches.iter().any(|reference| {
         let key = ObjectRef::new(&split.meta.namespace, &reference.name);
-        let mut groups = snapshot.sources().filter_map(|(_, view)| view.objects(Kind::HttpRouteGroup)?.get(&key));
-        groups.any(|o| match o {
+        named(snapshot, Kind::HttpRouteGroup, &key).any(|o| match o {
             Object::HttpRouteGroup(group) => group
                 .matches
                 .iter()

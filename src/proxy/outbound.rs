@@ -124,7 +124,7 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
                     } else {
                         "no_identity"
                     },
-                    target: format!("{}:{port}", resolved.fqdn),
+                    target: resolved.authority(port),
                     identity: String::new(),
                 },
                 Ok(Resolution::Passthrough(addr)) => Plan::Passthrough { addr }.labels("outbound"),
@@ -144,7 +144,7 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, target: Target, drain: dra
         Protocol::Opaque | Protocol::Tls => {
             let (plan, in_flight) = match resolve(&proxy, &destination)? {
                 Resolution::Service { resolved, port } => {
-                    let authority = format!("{}:{port}", resolved.fqdn).into();
+                    let authority = resolved.authority(port).into();
                     plan_for(&proxy, &resolved, port, authority)?
                 }
                 Resolution::Passthrough(addr) => (Plan::Passthrough { addr }, None),
@@ -240,7 +240,7 @@ impl RequestResolver {
             resolution = found;
         }
         let authority: Arc<str> = match &resolution {
-            Resolution::Service { resolved, port } => format!("{}:{port}", resolved.fqdn).into(),
+            Resolution::Service { resolved, port } => resolved.authority(*port).into(),
             Resolution::Passthrough(_) => "unknown".into(),
         };
         let resolution = Arc::new(resolution);
@@ -317,17 +317,14 @@ fn route_to(
     let backend = choice.pick(balance::roll() as u32).ok_or_else(|| Error::NoEndpoint(authority.to_string()))?;
     let backend_port = backend.port.unwrap_or(port);
     let (plan, in_flight) = if backend.service == resolved.name && backend.namespace == resolved.namespace {
-        let backend_authority = if backend_port == port {
-            Arc::clone(&authority)
-        } else {
-            format!("{}:{backend_port}", resolved.fqdn).into()
-        };
+        let backend_authority =
+            if backend_port == port { Arc::clone(&authority) } else { resolved.authority(backend_port).into() };
         plan_for(proxy, resolved, backend_port, backend_authority)?
     } else {
         let name = format!("{}.{}", backend.service, backend.namespace);
         match discovery::resolve_name(&snapshot, &proxy.settings, &name) {
             Lookup::Found(backend) => {
-                let authority = format!("{}:{backend_port}", backend.fqdn).into();
+                let authority = backend.authority(backend_port).into();
                 plan_for(proxy, &backend, backend_port, authority)?
             }
             Lookup::Unknown { .. } => return Err(Error::EndpointsUnknown(format!("{name}:{backend_port}"))),
