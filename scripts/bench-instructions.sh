@@ -9,14 +9,16 @@
 # REQUESTS: per protocol (default 4000). Installs valgrind and oha if missing. The benchmark
 # harness (benches/proxy.rs) starts and warms the boxes under callgrind and holds them; this
 # script zeroes the counters, sends the requests (HTTP/1.1 on 4 connections, then HTTP/2 with 8
-# streams on one), dumps the counters and divides. With MESHKEEP_CALLGRIND_OUT=DIR the dumps are
-# kept there, for callgrind_annotate (a build with symbols: CARGO_PROFILE_RELEASE_STRIP=false
-# CARGO_PROFILE_RELEASE_DEBUG=line-tables-only).
+# streams on one), dumps the counters and divides. With MESHKEEP_CALLGRIND_OUT=DIR the dumps
+# (and one of everything before the first request) are kept there, for callgrind_annotate (a
+# build with symbols: CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only);
+# MESHKEEP_CALLGRIND_ARGS adds options to callgrind's command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 command -v valgrind >/dev/null || apt_install valgrind
+command -v iperf3 >/dev/null || apt_install iperf3 # the harness checks for it
 command -v oha >/dev/null || cargo install oha --locked --version 1.16.0
 BINARY=${1:-}
 if [ -z "$BINARY" ]; then
@@ -39,19 +41,14 @@ cat > "$WORK/meshkeep" <<EOF
 #!/bin/sh
 for arg in "\$@"; do
     if [ "\$arg" = run ]; then
-        exec valgrind --tool=callgrind --callgrind-out-file="$WORK/%p.out" --log-file="$WORK/%p.log" "$BINARY" "\$@"
+        exec valgrind --tool=callgrind ${MESHKEEP_CALLGRIND_ARGS:-} --callgrind-out-file="$WORK/%p.out" --log-file="$WORK/%p.log" "$BINARY" "\$@"
     fi
 done
 exec "$BINARY" "\$@"
 EOF
 chmod +x "$WORK/meshkeep"
 
-HARNESS_BIN=$(cargo bench --locked --bench proxy --no-run --message-format=json \
-    | python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["bench"] and m.get("executable"):
-        print(m["executable"])')
+HARNESS_BIN=$(bench_executable proxy)
 [ -x "$HARNESS_BIN" ] || { echo "the benchmark harness did not build" >&2; exit 1; }
 MESHKEEP_BINARY="$WORK/meshkeep" MESHKEEP_BENCH_CONTENDERS=meshkeep MESHKEEP_BENCH_HOLD=900 \
     setsid "$HARNESS_BIN" > "$WORK/hold.log" 2>&1 &
@@ -94,6 +91,15 @@ measure() {
     fi
 }
 ROUND=0
+if [ -n "${MESHKEEP_CALLGRIND_OUT:-}" ]; then
+    # What the boxes ran from their start until now (starting, issuing certificates, the
+    # harness's warm-up), kept for scripts/hot-text.sh.
+    for pid in $PIDS; do callgrind_control --dump "$pid" >/dev/null 2>&1; done
+    sleep 1
+    ROUND=1
+    mkdir -p "$MESHKEEP_CALLGRIND_OUT"
+    for pid in $PIDS; do cp "$WORK/$pid.out.1" "$MESHKEEP_CALLGRIND_OUT/start-$pid.out"; done
+fi
 echo "$BINARY, $REQUESTS requests per protocol"
 measure HTTP/1.1 -c 4
 measure HTTP/2 -c 1 --http2 -p 8

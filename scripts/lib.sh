@@ -8,6 +8,16 @@ export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 ARM_TARGETS=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
 declare -A QEMU_FOR=([aarch64-unknown-linux-musl]=qemu-aarch64-static [armv7-unknown-linux-musleabihf]=qemu-arm-static)
 
+# bench_executable NAME: builds benches/NAME.rs (release) and prints the executable's path.
+bench_executable() {
+    cargo bench --locked --bench "$1" --no-run --message-format=json \
+        | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["bench"] and m.get("executable"):
+        print(m["executable"])'
+}
+
 STAGE_LOG=()
 
 # stage NAME COMMAND...: runs a command, printing how long it took; stops the run on failure.
