@@ -10,8 +10,10 @@ cargo zigbuild --release --locked --target aarch64-unknown-linux-musl
 
 # armv7 musl has no prebuilt std for this toolchain, so std is built from rust-src. -Zbuild-std is
 # unstable: RUSTC_BOOTSTRAP=1 allows it on the stable toolchain. zig supplies the C runtime, so
-# rustc must not link its own self-contained musl objects as well.
-CARGO_TARGET_ARMV7_UNKNOWN_LINUX_MUSLEABIHF_RUSTFLAGS="-C link-self-contained=no" \
+# rustc must not link its own self-contained musl objects as well. RUSTC_BOOTSTRAP=1 also makes
+# rustc mangle symbols the nightly way (v0), whose names link/hot-text.ld would not match: the
+# stable default (legacy) is asked for explicitly.
+CARGO_TARGET_ARMV7_UNKNOWN_LINUX_MUSLEABIHF_RUSTFLAGS="-C link-self-contained=no -Z unstable-options -C symbol-mangling-version=legacy" \
 RUSTC_BOOTSTRAP=1 \
     cargo zigbuild --release --locked --target armv7-unknown-linux-musleabihf -Zbuild-std=std,panic_abort
 
