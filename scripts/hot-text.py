@@ -14,8 +14,8 @@ Each function is named by its section (one per function: `patterns` below); the 
 symbol that change from build to build (the legacy mangling's hash, LTO's `.llvm.N` suffixes)
 are wildcards, so the list keeps matching as the code changes, and takes every instance of a
 generic function that one instance of ran. Assembly (ring's, musl's memcpy) has no section
-per function and stays where it is. A name that no longer exists
-matches nothing; a new function goes with the rest until the list is made again.
+per function and stays where it is. A name that no longer exists matches nothing; a new
+function goes with the rest until the list is made again.
 """
 import re
 import subprocess
