@@ -18,7 +18,6 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Frame;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -34,6 +33,7 @@ use tokio_rustls::TlsConnector;
 use super::balance::{InFlight, Outcome};
 use super::detect::Protocol;
 use super::head::{HeadClock, Watched};
+use super::peer::PeerConnection;
 use super::tcp::{Activity, Counted};
 use super::transport::Header;
 use super::{Error, Proxy, ServicePolicy, connect};
@@ -46,16 +46,17 @@ use crate::policy::RequestInfo;
 pub const TARGET_PORT_HEADER: HeaderName = HeaderName::from_static("meshkeep-target-port");
 /// Request header carrying the client's HTTP version across the HTTP/2 hop.
 pub const ORIGINAL_VERSION_HEADER: HeaderName = HeaderName::from_static("meshkeep-original-version");
-/// HTTP/2 PING interval on connections to peers while requests are in flight: a peer that stops
-/// answering is found out and dropped (hyper's keep-alive timeout of 20 s applies). Servers send
-/// no pings: an idle connection is closed by the idle timeout instead.
+/// HTTP/2 PING interval on connections to peers (src/proxy/peer.rs) and to HTTP/2 backends while
+/// requests are in flight: a peer that stops answering is found out and dropped (after 20 s
+/// without an answer, hyper's keep-alive timeout). Servers send no pings: an idle connection is
+/// closed by the idle timeout instead.
 pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Response header saying why the proxy answered itself.
 pub const ERROR_HEADER: &str = "meshkeep-error";
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-fn boxed<B>(body: B) -> Body
+pub(super) fn boxed<B>(body: B) -> Body
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -232,7 +233,7 @@ pub struct PeerPool {
 }
 
 /// The connection to one peer, once opened; locked while it is being opened.
-type PeerSlot = Arc<Mutex<Option<SendRequest<Body>>>>;
+type PeerSlot = Arc<Mutex<Option<PeerConnection>>>;
 
 impl std::fmt::Debug for PeerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -392,7 +393,7 @@ impl RetryPlan {
     }
 
     /// Whether this outcome of a try is worth another: connection errors and timeouts always.
-    fn retries(&self, result: &Result<Response<Incoming>, (StatusCode, String)>) -> bool {
+    fn retries(&self, result: &Result<Response<Body>, (StatusCode, String)>) -> bool {
         match result {
             Err(_) => true,
             Ok(response) if self.codes.is_empty() => response.status().is_server_error(),
@@ -533,7 +534,8 @@ where
                 }
                 let uri = Uri::from(path.clone());
                 let request = build(&parts.method, uri, version, headers, body.take());
-                tokio::time::timeout(timeout, proxy.plain.send(*addr, version, request)).await
+                let sent = async { proxy.plain.send(*addr, version, request).await.map(|r| r.map(boxed)) };
+                tokio::time::timeout(timeout, sent).await
             }
         };
         let result = match attempt {
@@ -562,7 +564,7 @@ where
             }
         }
         break match result {
-            Ok(response) => response.map(boxed),
+            Ok(response) => response,
             Err((status, reason)) => {
                 proxy.metrics.error("outbound", if status == StatusCode::GATEWAY_TIMEOUT { "timeout" } else { "http" });
                 empty_with(status, &reason)
@@ -630,30 +632,29 @@ async fn send_to_peer(
     target_port: u16,
     authority: &str,
     request: Request<Body>,
-) -> Result<Response<Incoming>, String> {
+) -> Result<Response<Body>, String> {
     let slot = {
         let mut peers = proxy.peers.peers.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(peers.entry((peer, identity.to_owned())).or_default())
     };
-    let mut sender = {
+    let connection = {
         let mut slot = slot.lock().await;
         match slot.as_ref().filter(|s| !s.is_closed()) {
-            Some(sender) => sender.clone(),
+            Some(connection) => connection.clone(),
             None => {
                 // Boxed: opening (TCP, mTLS, HTTP/2) is rare, and its large state would otherwise
                 // be part of, and copied with, every request's future.
                 let opening = Box::pin(open_peer(proxy, peer, identity, target_port, authority));
-                let sender = opening.await.map_err(|e| {
+                let connection = opening.await.map_err(|e| {
                     proxy.metrics.error("outbound", e.reason());
                     e.to_string()
                 })?;
-                *slot = Some(sender.clone());
-                sender
+                *slot = Some(connection.clone());
+                connection
             }
         }
     };
-    sender.ready().await.map_err(|e| e.to_string())?;
-    sender.send_request(request).await.map_err(|e| e.to_string())
+    connection.send(request).await
 }
 
 async fn open_peer(
@@ -662,7 +663,7 @@ async fn open_peer(
     identity: &str,
     target_port: u16,
     authority: &str,
-) -> Result<SendRequest<Body>, Error> {
+) -> Result<PeerConnection, Error> {
     let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
     let server_name = ServerName::try_from(identity.to_owned())
         .map_err(|e| Error::Tls { peer: identity.to_owned(), reason: e.to_string() })?;
@@ -677,18 +678,9 @@ async fn open_peer(
     let header =
         Header { target_port, protocol: super::detect::Protocol::Http2, authority: Some(authority.to_owned()) };
     stream.write_all(&header.encode()).await?;
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEP_ALIVE)
-        .handshake(TokioIo::new(stream))
+    PeerConnection::handshake(stream)
         .await
-        .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: format!("HTTP/2: {e}") })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "peer HTTP/2 connection ended");
-        }
-    });
-    Ok(sender)
+        .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: format!("HTTP/2: {e}") })
 }
 
 /// Serves the HTTP/2 side of a peer connection: each request goes to its target port on

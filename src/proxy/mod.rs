@@ -16,6 +16,7 @@ mod inbound;
 pub mod metrics;
 mod orig_dst;
 mod outbound;
+mod peer;
 mod plain;
 pub mod retry;
 pub mod stats;
