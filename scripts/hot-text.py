@@ -76,6 +76,8 @@ def main():
         else:
             current.append(arg)
     sizes, aliases = text_symbols(binary)
+    if not sizes:
+        sys.exit(f"{binary} has no function symbols: build it with STRIP=false and line tables")
     seen, tiers = set(), []
     for group in groups:
         names = {n for n in executed(group) if n in sizes} - seen

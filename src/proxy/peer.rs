@@ -124,8 +124,17 @@ impl PeerConnection {
         let (mut parts, body) = request.into_parts();
         strip_connection_specific(&mut parts.headers);
         let end = body.is_end_stream();
-        let mut sender = self.sender.clone().ready().await.map_err(|e| e.to_string())?;
-        let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end).map_err(|e| e.to_string())?;
+        let mut sender = self.sender.clone().ready().await.map_err(|e| {
+            // Gone away or broken: the pool opens a new connection for the next request.
+            self.shared.closed.store(true, Ordering::Release);
+            e.to_string()
+        })?;
+        let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end).map_err(|e| {
+            if e.is_go_away() || e.is_io() {
+                self.shared.closed.store(true, Ordering::Release);
+            }
+            e.to_string()
+        })?;
         let open = Open::new(&self.shared);
         // Dropped unanswered (a timeout), it resets the stream its body is still being sent on.
         let mut cancel = None;
