@@ -19,19 +19,22 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::header::{CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, oneshot};
 
 use super::http::{Body, KEEP_ALIVE, boxed};
 
-/// Windows, frame and header-list limits and send buffer as hyper's client sets them: 5 MiB
-/// for the connection, 2 MiB per stream, 16 KiB header lists, 1 MiB buffered per stream.
+/// Windows, limits and send buffer as hyper's client sets them: 5 MiB for the connection, 2 MiB
+/// per stream, 16 KiB header lists, 1 MiB buffered per stream, and at most 100 streams until
+/// the peer's SETTINGS say how many it takes (h2 would open any number, and a burst queued
+/// while the connection was being opened would get REFUSED_STREAM past the peer's limit).
 const CONNECTION_WINDOW: u32 = 5 << 20;
 const STREAM_WINDOW: u32 = 2 << 20;
 const MAX_HEADER_LIST: u32 = 16 << 10;
 const SEND_BUFFER: usize = 1 << 20;
+const STREAMS_BEFORE_SETTINGS: usize = 100;
 /// A PING unanswered this long gives the connection up (hyper's keep-alive timeout).
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -42,7 +45,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// What a connection's handles and its tasks share.
 struct Shared {
-    /// Set once the connection has ended or been given up.
+    /// Set once the connection has ended or been given up (by its task), or could not take a
+    /// new stream (by a request): the pool then opens another.
     closed: AtomicBool,
     /// Streams whose request or response is still under way: PINGs are sent only while some are.
     open: AtomicUsize,
@@ -66,8 +70,10 @@ impl Drop for Open {
     }
 }
 
-/// A multiplexed HTTP/2 connection to a peer; clones share it. It ends when the last clone
-/// and the last stream are gone (h2 wakes the connection for that; a test holds it to it).
+/// A multiplexed HTTP/2 connection to a peer; clones share it. The pool keeps one clone, so in
+/// practice it ends when the peer closes it (idle timeout, GOAWAY), on an error, or when a PING
+/// goes unanswered; it would also end with its last clone and stream (h2 wakes the connection
+/// for that; a test holds it to it).
 #[derive(Clone)]
 pub(super) struct PeerConnection {
     sender: SendRequest<Bytes>,
@@ -88,6 +94,7 @@ impl PeerConnection {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, mut connection) = h2::client::Builder::new()
+            .initial_max_send_streams(STREAMS_BEFORE_SETTINGS)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST)
@@ -123,6 +130,13 @@ impl PeerConnection {
     pub(super) async fn send(&self, request: Request<Body>) -> Result<Response<Body>, String> {
         let (mut parts, body) = request.into_parts();
         strip_connection_specific(&mut parts.headers);
+        // A body of known length says so, as hyper's client does (a buffered chunked body, or
+        // an empty POST: some servers want the length).
+        if let Some(length) = body.size_hint().exact()
+            && (length != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT))
+        {
+            parts.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
+        }
         let end = body.is_end_stream();
         let mut sender = self.sender.clone().ready().await.map_err(|e| {
             // Gone away or broken: the pool opens a new connection for the next request.
@@ -169,7 +183,7 @@ impl PeerConnection {
 struct Cancel(Option<oneshot::Sender<()>>);
 
 impl Cancel {
-    /// The response came (or the request failed): the body goes on being sent.
+    /// The response came, or sending failed: a body still being sent goes on (or has stopped).
     fn disarm(&mut self) {
         self.0.take();
     }
@@ -187,24 +201,28 @@ impl Drop for Cancel {
 /// frame is read only once the previous one is handed to h2, which holds it until the window
 /// opens (at most [`SEND_BUFFER`] per stream). Stops when the peer resets the stream.
 async fn pipe(mut body: Body, mut stream: SendStream<Bytes>, _open: Open) {
-    if let Err(reason) = send_body(&mut body, &mut stream).await {
-        tracing::debug!(%reason, "request body to the peer not sent in full");
-        stream.send_reset(Reason::INTERNAL_ERROR);
+    if let Err((reason, error)) = send_body(&mut body, &mut stream).await {
+        tracing::debug!(%error, "request body to the peer not sent in full");
+        stream.send_reset(reason);
     }
 }
 
-async fn send_body(body: &mut Body, stream: &mut SendStream<Bytes>) -> Result<(), String> {
+/// Sends the body; on failure, the reason to reset the stream with (the client's own, when it
+/// reset its HTTP/2 stream to box A) and what went wrong.
+async fn send_body(body: &mut Body, stream: &mut SendStream<Bytes>) -> Result<(), (Reason, String)> {
+    let failed = |e: h2::Error| (Reason::INTERNAL_ERROR, e.to_string());
     loop {
         let frame = poll_fn(|cx| {
             if let Poll::Ready(reset) = stream.poll_reset(cx) {
-                return Poll::Ready(Err(reset.map_or_else(|e| e.to_string(), |r| format!("reset by the peer: {r:?}"))));
+                let error = reset.map_or_else(|e| e.to_string(), |r| format!("reset by the peer: {r:?}"));
+                return Poll::Ready(Err((Reason::INTERNAL_ERROR, error)));
             }
             Pin::new(&mut *body).poll_frame(cx).map(Ok)
         })
         .await?;
         let frame = match frame {
-            None => return stream.send_data(Bytes::new(), true).map_err(|e| e.to_string()),
-            Some(Err(e)) => return Err(format!("reading the request body: {e}")),
+            None => return stream.send_data(Bytes::new(), true).map_err(failed),
+            Some(Err(e)) => return Err((reason_of(&*e), format!("reading the request body: {e}"))),
             Some(Ok(frame)) => frame,
         };
         let frame = match frame.into_data() {
@@ -212,7 +230,7 @@ async fn send_body(body: &mut Body, stream: &mut SendStream<Bytes>) -> Result<()
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     stream.reserve_capacity(0);
-                    return stream.send_trailers(trailers).map_err(|e| e.to_string());
+                    return stream.send_trailers(trailers).map_err(failed);
                 }
                 continue;
             }
@@ -232,16 +250,33 @@ async fn send_body(body: &mut Body, stream: &mut SendStream<Bytes>) -> Result<()
                 .await;
                 match granted {
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e.to_string()),
-                    None => return Err("the stream closed while its body was being sent".to_owned()),
+                    Some(Err(e)) => return Err(failed(e)),
+                    None => {
+                        return Err((
+                            Reason::INTERNAL_ERROR,
+                            "the stream closed while its body was being sent".to_owned(),
+                        ));
+                    }
                 }
             }
         }
-        stream.send_data(frame, end).map_err(|e| e.to_string())?;
+        stream.send_data(frame, end).map_err(failed)?;
         if end {
             return Ok(());
         }
     }
+}
+
+/// The HTTP/2 reason in an error's chain (a client's reset, passed on), else INTERNAL_ERROR.
+fn reason_of(error: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(reason) = error.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        next = error.source();
+    }
+    Reason::INTERNAL_ERROR
 }
 
 /// HTTP/2 forbids connection-specific headers; h2 refuses a request that has any. The caller
@@ -351,10 +386,10 @@ impl hyper::body::Body for PeerBody {
 mod tests {
     use std::future::Future;
 
-    use futures::SinkExt;
+    use futures::{SinkExt, StreamExt};
     use h2::server::SendResponse;
     use http::HeaderValue;
-    use http_body_util::{BodyExt, Empty, StreamBody};
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use tokio::io::DuplexStream;
 
     use super::*;
@@ -476,6 +511,55 @@ mod tests {
             .expect("reported");
         assert!(matches!(next, Some(Err(Some(Reason::CANCEL)))), "{next:?}");
         drop(chunks);
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_says_so() {
+        let (connection, server) = pair().await;
+        let (seen_tx, mut seen_rx) = futures::channel::mpsc::unbounded();
+        serve(server, move |request, mut respond| {
+            let length = request.headers().get(CONTENT_LENGTH).cloned();
+            let _ = seen_tx.unbounded_send((request.method().clone(), length));
+            async move {
+                let _ = respond.send_response(Response::new(()), true);
+            }
+        });
+        let cases = [
+            (Method::POST, boxed(Full::new(Bytes::from_static(b"abc"))), Some("3")),
+            (Method::POST, boxed(Empty::new()), Some("0")),
+            (Method::GET, boxed(Empty::new()), None),
+        ];
+        for (method, body, expected) in cases {
+            let mut request = get(body);
+            *request.method_mut() = method.clone();
+            connection.send(request).await.expect("response");
+            let (seen_method, length) = seen_rx.next().await.expect("seen");
+            assert_eq!(seen_method, method);
+            assert_eq!(length.as_ref().map(|v| v.to_str().expect("ascii")), expected, "{method}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_sent_before_the_peers_settings_stays_within_its_stream_limit() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let connection = PeerConnection::handshake(client).await.expect("client handshake");
+        // 250 requests leave before the peer has said anything (as when requests queued while
+        // the connection was being opened); the peer takes 200 streams at a time.
+        let sends: Vec<_> = (0..250)
+            .map(|_| {
+                let connection = connection.clone();
+                tokio::spawn(async move { connection.send(get(boxed(Empty::new()))).await.map(|r| r.status()) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let server = h2::server::Builder::new().max_concurrent_streams(200).handshake(server).await.expect("server");
+        serve(server, |_, mut respond| async move {
+            let _ = respond.send_response(Response::new(()), true);
+        });
+        for send in sends {
+            let status = tokio::time::timeout(Duration::from_secs(10), send).await.expect("in time").expect("task");
+            assert_eq!(status.expect("not refused"), 200);
+        }
     }
 
     #[tokio::test(start_paused = true)]
