@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bytes_cmp;
 pub mod cli;
 pub mod config;
 pub mod discovery;
