@@ -44,7 +44,8 @@ use crate::policy::RequestInfo;
 /// Request header naming the port on the peer a request is for. (Names made at compile time:
 /// a name given as a string is parsed and checked on every use.)
 pub const TARGET_PORT_HEADER: HeaderName = HeaderName::from_static("meshkeep-target-port");
-/// Request header carrying the client's HTTP version across the HTTP/2 hop.
+/// Request header carrying the client's HTTP version across the HTTP/2 hop; without it, the
+/// version is HTTP/1.1 (the most common, so it goes without).
 pub const ORIGINAL_VERSION_HEADER: HeaderName = HeaderName::from_static("meshkeep-original-version");
 /// HTTP/2 PING interval on connections to peers (src/proxy/peer.rs) and to HTTP/2 backends while
 /// requests are in flight: a peer that stops answering is found out and dropped (after 20 s
@@ -520,7 +521,9 @@ where
                 // Upgrade, TE other than `trailers`).
                 remove_connection_headers(&mut headers);
                 headers.insert(TARGET_PORT_HEADER, HeaderValue::from(*target_port));
-                headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
+                if version != Version::HTTP_11 {
+                    headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
+                }
                 let request = build(&parts.method, absolute(host, &path), Version::HTTP_2, headers, body.take());
                 tokio::time::timeout(timeout, send_to_peer(proxy, *peer, identity, *target_port, authority, request))
                     .await
@@ -701,7 +704,9 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let peer = Arc::clone(&peer);
-        async move { Ok::<_, Infallible>(inbound_request(&proxy, request, &peer).await) }
+        // Boxed: hyper spawns a task per stream with this future in it, and a future of this
+        // size costs more to move into place (several copies) than to allocate.
+        Box::pin(async move { Ok::<_, Infallible>(inbound_request(&proxy, request, &peer).await) })
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -730,7 +735,14 @@ pub(crate) fn take_markers(headers: &mut http::HeaderMap, default_port: u16) -> 
         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
         .filter(|p| *p != 0)
         .unwrap_or(default_port);
-    let version = match headers.remove(ORIGINAL_VERSION_HEADER).as_ref().and_then(|v| v.to_str().ok()) {
+    // Mostly absent (HTTP/1.1): a pass over the names costs less than a lookup that finds nothing.
+    let marked = headers.keys().any(|name| name == ORIGINAL_VERSION_HEADER);
+    let version = match marked
+        .then(|| headers.remove(ORIGINAL_VERSION_HEADER))
+        .flatten()
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+    {
         Some("HTTP/2") => Version::HTTP_2,
         Some("HTTP/1.0") => Version::HTTP_10,
         _ => Version::HTTP_11,

@@ -7,11 +7,11 @@
 //! until then a request that finds none ready opens another. HTTP/2: every request shares the
 //! address's connection, opened by the first request that finds none.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -290,6 +290,8 @@ impl Pool {
     /// A ready HTTP/1.1 connection to `addr`, marked used. Connections that closed or sat idle
     /// too long are dropped as they are passed over (and all of them by `sweep`); the scan stops
     /// at the first ready connection, so a pool grown by a burst is not walked whole every time.
+    /// The connection taken goes to the back: the list runs from least to most recently taken,
+    /// and the ones at the front, whose responses are likeliest done, are tried first.
     fn ready(&mut self, addr: SocketAddr) -> Option<&mut http1::SendRequest<Body>> {
         let now = Instant::now();
         let conns = self.http1.get_mut(&addr)?;
@@ -304,7 +306,8 @@ impl Pool {
                 i += 1;
             }
         };
-        let conn = &mut conns[found];
+        conns[found..].rotate_left(1);
+        let conn = conns.last_mut()?;
         conn.used = now;
         Some(&mut conn.conn)
     }
