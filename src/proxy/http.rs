@@ -521,7 +521,10 @@ where
                 // Upgrade, TE other than `trailers`).
                 remove_connection_headers(&mut headers);
                 headers.insert(TARGET_PORT_HEADER, HeaderValue::from(*target_port));
-                if version != Version::HTTP_11 {
+                if version == Version::HTTP_11 {
+                    // A client's own marker would be taken for the proxy's.
+                    take_version_marker(&mut headers);
+                } else {
                     headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
                 }
                 let request = build(&parts.method, absolute(host, &path), Version::HTTP_2, headers, body.take());
@@ -727,6 +730,16 @@ pub struct InboundPeer {
     pub identity: Option<String>,
 }
 
+/// Removes the original-version marker, if there is one. It is mostly absent (HTTP/1.1): a
+/// pass over the names costs less than a lookup that finds nothing.
+fn take_version_marker(headers: &mut http::HeaderMap) -> Option<HeaderValue> {
+    if headers.keys().any(|name| name == ORIGINAL_VERSION_HEADER) {
+        headers.remove(ORIGINAL_VERSION_HEADER)
+    } else {
+        None
+    }
+}
+
 /// Takes the markers the peer's proxy added off a request's headers: the target port (else
 /// `default_port`, from the transport header) and the HTTP version the original client used.
 pub(crate) fn take_markers(headers: &mut http::HeaderMap, default_port: u16) -> (u16, Version) {
@@ -735,14 +748,7 @@ pub(crate) fn take_markers(headers: &mut http::HeaderMap, default_port: u16) -> 
         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
         .filter(|p| *p != 0)
         .unwrap_or(default_port);
-    // Mostly absent (HTTP/1.1): a pass over the names costs less than a lookup that finds nothing.
-    let marked = headers.keys().any(|name| name == ORIGINAL_VERSION_HEADER);
-    let version = match marked
-        .then(|| headers.remove(ORIGINAL_VERSION_HEADER))
-        .flatten()
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-    {
+    let version = match take_version_marker(headers).as_ref().and_then(|v| v.to_str().ok()) {
         Some("HTTP/2") => Version::HTTP_2,
         Some("HTTP/1.0") => Version::HTTP_10,
         _ => Version::HTTP_11,

@@ -289,9 +289,10 @@ async fn sweep(pool: Weak<Mutex<Pool>>) {
 impl Pool {
     /// A ready HTTP/1.1 connection to `addr`, marked used. Connections that closed or sat idle
     /// too long are dropped as they are passed over (and all of them by `sweep`); the scan stops
-    /// at the first ready connection, so a pool grown by a burst is not walked whole every time.
-    /// The connection taken goes to the back: the list runs from least to most recently taken,
-    /// and the ones at the front, whose responses are likeliest done, are tried first.
+    /// at the first ready connection, so a pool grown by a burst is not walked whole every time,
+    /// and its connections at the back sit idle until they are dropped. (Taking the least
+    /// recently used would keep them all alive, and hand out the one a backend's own keep-alive
+    /// timeout is likeliest to be closing.)
     fn ready(&mut self, addr: SocketAddr) -> Option<&mut http1::SendRequest<Body>> {
         let now = Instant::now();
         let conns = self.http1.get_mut(&addr)?;
@@ -306,8 +307,7 @@ impl Pool {
                 i += 1;
             }
         };
-        conns[found..].rotate_left(1);
-        let conn = conns.last_mut()?;
+        let conn = &mut conns[found];
         conn.used = now;
         Some(&mut conn.conn)
     }
