@@ -64,8 +64,8 @@ pub unsafe fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 mod tests {
     use super::*;
 
-    /// The reference: a byte at a time, without slice comparison (which would call the code
-    /// under test in the musl test builds).
+    /// The reference: a byte at a time, without slice comparison (which would itself call a
+    /// `memcmp`, compiler_rt's in the musl test builds).
     fn reference(a: &[u8], b: &[u8]) -> i32 {
         a.iter().zip(b).find(|(x, y)| x != y).map_or(0, |(x, y)| i32::from(*x) - i32::from(*y))
     }
