@@ -364,7 +364,7 @@ where
 }
 
 /// Methods a retry cannot harm (RFC 9110 idempotent methods).
-fn idempotent(method: &Method) -> bool {
+pub(super) fn idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
@@ -540,8 +540,7 @@ where
                 }
                 let uri = Uri::from(path.clone());
                 let request = build(&parts.method, uri, version, headers, body.take());
-                let sent = async { proxy.plain.send(*addr, version, request).await.map(|r| r.map(boxed)) };
-                tokio::time::timeout(timeout, sent).await
+                tokio::time::timeout(timeout, proxy.plain.send(*addr, version, request)).await
             }
         };
         let result = match attempt {
@@ -793,7 +792,7 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     }
     parts.version = if version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let response = match proxy.plain.send(target, version, Request::from_parts(parts, boxed(body))).await {
-        Ok(response) => response.map(boxed),
+        Ok(response) => response,
         Err(reason) => {
             proxy.metrics.error("inbound", "http");
             empty_with(StatusCode::BAD_GATEWAY, &reason)

@@ -12,6 +12,7 @@ pub mod balance;
 pub mod detect;
 mod head;
 pub mod http;
+mod http1;
 mod inbound;
 pub mod metrics;
 mod orig_dst;

@@ -335,7 +335,7 @@ impl PeerBody {
 }
 
 /// A single valid `Content-Length`.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(CONTENT_LENGTH).iter();
     let first = values.next()?;
     if values.next().is_some() {

@@ -2,10 +2,10 @@
 //! connections pooled by address, HTTP/2 over one multiplexed connection per address.
 //!
 //! This is the hot path of every request a box receives from a peer, so it is kept to what that
-//! needs. HTTP/1.1: a list of connections per address, each taken by the first request that
-//! finds it ready; a connection is ready again once its response has been read to the end, and
-//! until then a request that finds none ready opens another. HTTP/2: every request shares the
-//! address's connection, opened by the first request that finds none.
+//! needs. HTTP/1.1 (src/proxy/http1.rs): the idle connections of each address, taken by one
+//! request at a time, the most recently used first, and put back once their response has been
+//! read to its end; a request that finds none idle opens another. HTTP/2: every request shares
+//! the address's connection, opened by the first request that finds none.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -14,19 +14,18 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http1, http2};
+use http_body_util::Empty;
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::{TrySendError, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::http::Body;
+use super::http::{Body, boxed};
+use super::http1;
 
 /// A pooled connection unused for this long is closed (hyper-util's pool uses the same).
 const IDLE: Duration = Duration::from_secs(90);
 /// How often the whole pool is swept of closed and idle connections, while it holds any.
 const SWEEP: Duration = Duration::from_secs(10);
-/// Pooled connections a request tries before it opens its own, when each one it tries turns out
-/// to have closed before taking the request.
-const STALE_TRIES: usize = 3;
 
 pub struct PlainClients {
     pool: Arc<Mutex<Pool>>,
@@ -35,7 +34,8 @@ pub struct PlainClients {
 
 #[derive(Default)]
 struct Pool {
-    http1: HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    http1: HashMap<SocketAddr, Vec<Pooled<http1::Connection>>>,
     http2: HashMap<SocketAddr, Pooled<Http2>>,
     /// Addresses whose HTTP/2 connection is being opened.
     http2_opening: HashMap<SocketAddr, Arc<Opening>>,
@@ -48,6 +48,7 @@ type Opening = tokio::sync::Mutex<Option<(Instant, String)>>;
 
 struct Pooled<C> {
     conn: C,
+    /// When it last took a request (HTTP/2) or was put back (HTTP/1.1).
     used: Instant,
 }
 
@@ -63,9 +64,9 @@ trait Conn {
     fn is_closed(&self) -> bool;
 }
 
-impl Conn for http1::SendRequest<Body> {
+impl Conn for http1::Connection {
     fn is_closed(&self) -> bool {
-        http1::SendRequest::is_closed(self)
+        !self.is_usable()
     }
 }
 
@@ -100,9 +101,9 @@ impl PlainClients {
         addr: SocketAddr,
         version: Version,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, String> {
+    ) -> Result<Response<Body>, String> {
         if version == Version::HTTP_2 {
-            return self.send_http2(addr, request).await;
+            return self.send_http2(addr, request).await.map(|response| response.map(boxed));
         }
         if !request.headers().contains_key(http::header::HOST)
             && let Ok(host) = HeaderValue::try_from(addr.to_string())
@@ -112,41 +113,29 @@ impl PlainClients {
         self.send_http1(addr, request).await
     }
 
-    async fn send_http1(&self, addr: SocketAddr, mut request: Request<Body>) -> Result<Response<Incoming>, String> {
-        for _ in 0..STALE_TRIES {
-            let sent = {
-                let mut pool = self.lock();
-                match pool.ready(addr) {
-                    Some(sender) => sender.try_send_request(request),
-                    None => break,
-                }
-            };
-            match outcome(sent.await) {
-                Sent::Answered(result) => return result,
-                Sent::HandedBack(returned) => request = returned,
-            }
-        }
+    async fn send_http1(&self, addr: SocketAddr, request: Request<Body>) -> Result<Response<Body>, String> {
+        let (parts, body) = request.into_parts();
+        // A pooled connection the backend closed just as the request went out fails with nothing
+        // received; a request it cannot have acted on goes once more, on a new connection.
+        let replayable = body.is_end_stream() && super::http::idempotent(&parts.method);
+        let pooled = self.lock().take_http1(addr);
+        let body = match pooled {
+            Some(conn) => match conn.send(&parts, body, self.home(addr)).await {
+                Ok(response) => return Ok(response.map(boxed)),
+                Err(failure) if failure.nothing_received && replayable => boxed(Empty::new()),
+                Err(failure) => return Err(failure.reason),
+            },
+            None => body,
+        };
         // Boxed, as opening HTTP/2 is: rare, and large next to the rest of a request's future.
-        let mut sender = Box::pin(self.open_http1(addr)).await?;
-        let sent = sender.send_request(request);
-        {
-            let mut pool = self.lock();
-            pool.http1.entry(addr).or_default().push(Pooled { conn: sender, used: Instant::now() });
-            self.keep_swept(&mut pool);
-        }
-        sent.await.map_err(|e| e.to_string())
+        let stream = Box::pin(super::connect(addr, self.connect_timeout)).await.map_err(|e| e.to_string())?;
+        let sent = http1::Connection::new(stream).send(&parts, body, self.home(addr)).await;
+        sent.map(|response| response.map(boxed)).map_err(|failure| failure.reason)
     }
 
-    async fn open_http1(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, String> {
-        let stream = super::connect(addr, self.connect_timeout).await.map_err(|e| e.to_string())?;
-        let (sender, connection) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "plain HTTP/1 connection ended");
-            }
-        });
-        Ok(sender)
+    /// Where an HTTP/1.1 connection to `addr` goes back once its response has been read.
+    fn home(&self, addr: SocketAddr) -> Home {
+        Home { pool: Arc::downgrade(&self.pool), addr }
     }
 
     /// HTTP/2 requests carry the address as their authority (`:authority`, `:scheme` http).
@@ -158,7 +147,7 @@ impl PlainClients {
             let pooled = self.lock().ready_http2(addr);
             let Http2 { mut sender, authority } = match pooled {
                 Some(conn) => conn,
-                // Boxed: see `send_http1`.
+                // Boxed: rare, and large next to the rest of a request's future.
                 None => Box::pin(self.open_http2(addr)).await?,
             };
             let mut parts = http::uri::Parts::default();
@@ -229,16 +218,35 @@ impl PlainClients {
         Ok(Http2 { sender, authority })
     }
 
-    /// Starts the sweeping task if the pool has none.
     fn keep_swept(&self, pool: &mut Pool) {
-        if !pool.sweeping {
-            pool.sweeping = true;
-            tokio::spawn(sweep(Arc::downgrade(&self.pool)));
-        }
+        keep_swept(&self.pool, pool);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         lock(&self.pool)
+    }
+}
+
+/// Starts the sweeping task if the pool has none.
+fn keep_swept(shared: &Arc<Mutex<Pool>>, pool: &mut Pool) {
+    if !pool.sweeping {
+        pool.sweeping = true;
+        tokio::spawn(sweep(Arc::downgrade(shared)));
+    }
+}
+
+/// Where an HTTP/1.1 connection goes back: its address's idle list.
+struct Home {
+    pool: Weak<Mutex<Pool>>,
+    addr: SocketAddr,
+}
+
+impl http1::Release for Home {
+    fn release(self, conn: http1::Connection) {
+        let Some(shared) = self.pool.upgrade() else { return };
+        let mut pool = lock(&shared);
+        pool.http1.entry(self.addr).or_default().push(Pooled { conn, used: Instant::now() });
+        keep_swept(&shared, &mut pool);
     }
 }
 
@@ -287,29 +295,20 @@ async fn sweep(pool: Weak<Mutex<Pool>>) {
 }
 
 impl Pool {
-    /// A ready HTTP/1.1 connection to `addr`, marked used. Connections that closed or sat idle
-    /// too long are dropped as they are passed over (and all of them by `sweep`); the scan stops
-    /// at the first ready connection, so a pool grown by a burst is not walked whole every time,
-    /// and its connections at the back sit idle until they are dropped. (Taking the least
-    /// recently used would keep them all alive, and hand out the one a backend's own keep-alive
-    /// timeout is likeliest to be closing.)
-    fn ready(&mut self, addr: SocketAddr) -> Option<&mut http1::SendRequest<Body>> {
+    /// An idle HTTP/1.1 connection to `addr`, the most recently used one that is still open.
+    /// Those passed over are dropped; the least recently used sit at the front until a sweep
+    /// finds them idle too long, so a pool grown by a burst shrinks again. (Taking the least
+    /// recently used instead would keep them all alive, and hand out the one a backend's own
+    /// keep-alive timeout is likeliest to be closing.)
+    fn take_http1(&mut self, addr: SocketAddr) -> Option<http1::Connection> {
         let now = Instant::now();
-        let conns = self.http1.get_mut(&addr)?;
-        let mut i = 0;
-        let found = loop {
-            let conn = conns.get(i)?;
-            if !conn.alive(now) {
-                conns.swap_remove(i);
-            } else if conn.conn.is_ready() {
-                break i;
-            } else {
-                i += 1;
+        let idle = self.http1.get_mut(&addr)?;
+        while let Some(pooled) = idle.pop() {
+            if pooled.alive(now) {
+                return Some(pooled.conn);
             }
-        };
-        let conn = &mut conns[found];
-        conn.used = now;
-        Some(&mut conn.conn)
+        }
+        None
     }
 
     /// The HTTP/2 connection to `addr`, marked used, unless it closed or sat idle too long.
@@ -322,5 +321,294 @@ impl Pool {
         }
         pooled.used = now;
         Some(pooled.conn.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use futures::channel::mpsc;
+    use http::{Method, StatusCode};
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A backend on loopback that answers each request on its `n`th connection with the next of
+    /// `answer(n)` (raw bytes; `None` closes the connection instead of answering), and closes the
+    /// connection after the last. Reports each request it read (head and body, raw), and counts
+    /// the connections it accepted.
+    struct Backend {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        requests: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    }
+
+    async fn backend(answer: fn(usize) -> Vec<Option<&'static [u8]>>) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (tx, requests) = tokio::sync::mpsc::unbounded_channel();
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    for reply in answer(n) {
+                        let Some(request) = read_request(&mut stream).await else { return };
+                        let _ = tx.send(request);
+                        match reply {
+                            Some(bytes) => stream.write_all(bytes).await.unwrap(),
+                            None => return,
+                        }
+                    }
+                });
+            }
+        });
+        Backend { addr, accepted, requests }
+    }
+
+    /// One request off the connection: the head, and a body framed by Content-Length or chunked
+    /// coding (read to its last chunk). `None` when the client closed.
+    async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut byte = [0; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        if let Some(line) = head.lines().find(|l| l.starts_with("content-length:")) {
+            let length: usize = line["content-length:".len()..].trim().parse().unwrap();
+            let mut body = vec![0; length];
+            stream.read_exact(&mut body).await.ok()?;
+            got.extend(body);
+        } else if head.contains("transfer-encoding: chunked") {
+            while !got.ends_with(b"\r\n0\r\n\r\n") {
+                if stream.read(&mut byte).await.ok()? == 0 {
+                    return None;
+                }
+                got.push(byte[0]);
+            }
+        }
+        Some(got)
+    }
+
+    fn get(method: Method) -> Request<Body> {
+        Request::builder().method(method).uri("/path?q=1").body(boxed(Empty::<Bytes>::new())).unwrap()
+    }
+
+    async fn collect(response: Response<Body>) -> (StatusCode, Bytes, Option<http::HeaderMap>) {
+        let status = response.status();
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (status, collected.to_bytes(), trailers)
+    }
+
+    fn clients() -> PlainClients {
+        PlainClients::new(Duration::from_secs(5))
+    }
+
+    const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+
+    #[tokio::test]
+    async fn a_connection_read_to_its_end_carries_the_next_request() {
+        let mut backend = backend(|_| vec![Some(OK_HELLO); 3]).await;
+        let clients = clients();
+        for _ in 0..3 {
+            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            assert_eq!(collect(response).await.1, "hello");
+        }
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 1, "one connection for all three");
+        let request = String::from_utf8(backend.requests.recv().await.unwrap()).unwrap();
+        let host = format!("GET /path?q=1 HTTP/1.1\r\nhost: {}\r\n\r\n", backend.addr);
+        assert_eq!(request, host, "origin form, the address as Host, no body framing");
+    }
+
+    #[tokio::test]
+    async fn chunked_responses_are_read_with_their_trailers_and_keep_the_connection() {
+        const CHUNKED: &[u8] =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n";
+        let backend = backend(|_| vec![Some(CHUNKED); 2]).await;
+        let clients = clients();
+        for _ in 0..2 {
+            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            let (status, body, trailers) = collect(response).await;
+            assert_eq!((status, body.as_ref()), (StatusCode::OK, b"hello world".as_ref()));
+            assert_eq!(trailers.unwrap()["x-sum"], "42");
+        }
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn bodiless_answers_and_interim_responses() {
+        const ANSWERS: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\ncontent-length: 7\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+        ];
+        let backend = backend(|_| ANSWERS.iter().map(|a| Some(*a)).collect()).await;
+        let clients = clients();
+        let mut got = Vec::new();
+        for method in [Method::HEAD, Method::GET, Method::GET, Method::GET] {
+            let response = clients.send(backend.addr, Version::HTTP_11, get(method)).await.unwrap();
+            let (status, body, _) = collect(response).await;
+            got.push((status.as_u16(), body));
+        }
+        assert_eq!(got, [(200, "".into()), (204, "".into()), (304, "".into()), (201, "ok".into())]);
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 1, "none of them ends the connection");
+    }
+
+    #[tokio::test]
+    async fn a_response_delimited_by_close_is_read_to_the_end_and_not_pooled() {
+        let backend = backend(|_| vec![Some(b"HTTP/1.1 200 OK\r\n\r\nuntil close".as_ref())]).await;
+        let clients = clients();
+        for _ in 0..2 {
+            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            let body = tokio::time::timeout(Duration::from_secs(5), collect(response)).await;
+            assert_eq!(body.expect("the body ends with the connection").1, "until close");
+        }
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn request_bodies_go_with_a_length_or_chunked() {
+        let mut backend = backend(|_| vec![Some(OK_HELLO); 2]).await;
+        let clients = clients();
+        let known = Request::post("/up").body(boxed(Full::new(Bytes::from_static(b"0123456789")))).unwrap();
+        clients.send(backend.addr, Version::HTTP_11, known).await.unwrap();
+        let (tx, rx) = mpsc::unbounded::<Result<Frame<Bytes>, std::convert::Infallible>>();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"abc")))).unwrap();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"defghijklmnopq")))).unwrap();
+        drop(tx);
+        let streamed = Request::post("/up").body(boxed(StreamBody::new(rx))).unwrap();
+        let response = clients.send(backend.addr, Version::HTTP_11, streamed).await.unwrap();
+        assert_eq!(collect(response).await.1, "hello");
+        let first = String::from_utf8(backend.requests.recv().await.unwrap()).unwrap();
+        assert!(first.ends_with("content-length: 10\r\n\r\n0123456789"), "{first}");
+        let second = String::from_utf8(backend.requests.recv().await.unwrap()).unwrap();
+        assert!(
+            second.ends_with("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\ne\r\ndefghijklmnopq\r\n0\r\n\r\n"),
+            "{second}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_backend_closed_is_not_used() {
+        // Each connection answers one request, then closes without saying so.
+        let backend = backend(|_| vec![Some(OK_HELLO)]).await;
+        let clients = clients();
+        for _ in 0..3 {
+            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            assert_eq!(collect(response).await.1, "hello");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_backend_closed_on_unanswered_goes_again_only_if_it_can() {
+        // Each connection answers one request, then closes on the next without answering.
+        let backend = backend(|_| vec![Some(OK_HELLO), None]).await;
+        let clients = clients();
+        for _ in 0..2 {
+            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            assert_eq!(collect(response).await.1, "hello");
+        }
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "the second GET went again on a new connection");
+        let post = Request::post("/up").body(boxed(Full::new(Bytes::from_static(b"once")))).unwrap();
+        let failed = clients.send(backend.addr, Version::HTTP_11, post).await.unwrap_err();
+        assert!(failed.contains("closed the connection before responding"), "{failed}");
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "a POST with a body is not sent twice");
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_ends_an_upload_the_backend_will_not_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            stream.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            let _ = stream.read(&mut [0; 1]).await;
+        });
+        // A body that never ends.
+        let (tx, rx) = mpsc::unbounded::<Result<Frame<Bytes>, std::convert::Infallible>>();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from(vec![b'x'; 1 << 20])))).unwrap();
+        let request = Request::post("/up").body(boxed(StreamBody::new(rx))).unwrap();
+        let clients = clients();
+        let sent = tokio::time::timeout(Duration::from_secs(5), clients.send(addr, Version::HTTP_11, request));
+        let response = sent.await.expect("answered while the body was still going").unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn bad_responses_are_errors_not_panics() {
+        const BAD: [&[u8]; 6] = [
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            b"garbage\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        ];
+        let clients = clients();
+        for (i, bad) in BAD.iter().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                read_request(&mut stream).await;
+                stream.write_all(bad).await.unwrap();
+                let _ = stream.read(&mut [0; 1]).await;
+            });
+            let outcome = match clients.send(addr, Version::HTTP_11, get(Method::GET)).await {
+                Ok(response) => response.into_body().collect().await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(reason) => Err(reason),
+            };
+            assert!(outcome.is_err(), "answer {i} was taken as a response");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_and_a_huge_head_is_refused() {
+        let backend = backend(|n| {
+            if n == 0 {
+                vec![Some(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".as_ref())]
+            } else {
+                vec![Some(HUGE.as_ref())]
+            }
+        })
+        .await;
+        static HUGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..50 {
+                head.extend(format!("x-filler-{i}: {}\r\n", "v".repeat(2000)).bytes());
+            }
+            head.extend(b"\r\n");
+            head
+        });
+        let clients = clients();
+        let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+        let cut = response.into_body().collect().await;
+        assert!(cut.unwrap_err().to_string().contains("middle of the response body"));
+        let huge = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await;
+        assert!(huge.unwrap_err().contains("over 65536 bytes"));
     }
 }
