@@ -77,17 +77,10 @@ impl Connection {
     }
 
     /// Whether an idle connection can still take a request: the backend has neither closed it
-    /// nor sent anything unasked. Costs no system call unless the socket turned readable.
+    /// nor sent anything unasked. Costs no system call unless the runtime saw the socket turn
+    /// readable (a close, a reset, unasked bytes, or readiness left from the last response).
     pub fn is_usable(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readable: closed, reset, unasked bytes, or readiness left from an earlier read.
-            Poll::Ready(Ok(())) => {
-                matches!(self.io.try_read(&mut [0; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        matches!(self.io.try_read(&mut [0; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Sends a request (`parts` in origin form, with its Host header) and reads the response
@@ -104,9 +97,10 @@ impl Connection {
         encode_head(parts, framing, &mut head);
         let mut sending = Sending::new(Bytes::from(head), body, framing);
         let head = poll_fn(|cx| self.poll_exchange(cx, &mut sending)).await?;
-        let Head { status, version, mut headers } = head;
-        let mut keep = sending.failed.is_none() && reusable(version, &headers) && !closes(&parts.headers);
-        let framing = match response_framing(&parts.method, status, &mut headers) {
+        let Head { status, version, mut headers, reason } = head;
+        let mut keep =
+            sending.failed.is_none() && reusable(version, &headers) && reusable(parts.version, &parts.headers);
+        let framing = match response_framing(&parts.method, version, status, &mut headers) {
             Ok((framing, clean)) => {
                 keep &= clean && status != StatusCode::SWITCHING_PROTOCOLS && !matches!(framing, Framing::Close);
                 framing
@@ -120,6 +114,9 @@ impl Connection {
         *response.status_mut() = status;
         *response.version_mut() = version;
         *response.headers_mut() = headers;
+        if let Some(reason) = reason {
+            response.extensions_mut().insert(reason);
+        }
         Ok(response)
     }
 
@@ -128,6 +125,9 @@ impl Connection {
         loop {
             // A backend may answer, and stop reading, before all of the request is sent.
             sending.poll_write(cx, &mut self.io);
+            if let Some(reason) = sending.broken.take() {
+                return Poll::Ready(Err(Failure::new(reason, false)));
+            }
             // Interim responses are dropped; a final one ends the exchange.
             loop {
                 match parse_head(&mut self.read) {
@@ -170,6 +170,10 @@ enum RequestFraming {
 }
 
 fn request_framing(parts: &Parts, body: &Body) -> RequestFraming {
+    // A body in another coding (gzip, ...) stays so, with chunked coding last.
+    if other_codings(&parts.headers).next().is_some() {
+        return RequestFraming::Chunked;
+    }
     let declared = super::peer::content_length(&parts.headers);
     if body.is_end_stream() {
         return if declared == Some(0) { RequestFraming::Length(0) } else { RequestFraming::None };
@@ -180,6 +184,12 @@ fn request_framing(parts: &Parts, body: &Body) -> RequestFraming {
     }
 }
 
+/// The request's transfer codings other than chunked.
+fn other_codings(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    let codings = headers.get_all(TRANSFER_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    codings.map(str::trim).filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+}
+
 /// The request line and headers. Content-Length and Transfer-Encoding are the body's own: they
 /// are written from `framing`, not copied.
 fn encode_head(parts: &Parts, framing: RequestFraming, out: &mut Vec<u8>) {
@@ -187,7 +197,7 @@ fn encode_head(parts: &Parts, framing: RequestFraming, out: &mut Vec<u8>) {
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(if target.is_empty() { b"/" } else { target.as_bytes() });
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(if parts.version == Version::HTTP_10 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
     for (name, value) in &parts.headers {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
@@ -204,7 +214,14 @@ fn encode_head(parts: &Parts, framing: RequestFraming, out: &mut Vec<u8>) {
             out.extend_from_slice(length.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Chunked => {
+            out.extend_from_slice(b"transfer-encoding: ");
+            for coding in other_codings(&parts.headers) {
+                out.extend_from_slice(coding.as_bytes());
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(b"chunked\r\n");
+        }
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -218,14 +235,25 @@ struct Sending {
     sent: u64,
     /// Whether any byte of a response has arrived.
     received: bool,
-    /// Why sending stopped short, if it did (nothing more is sent then).
+    /// Why writing to the backend failed, if it did: nothing more is sent, and a response may
+    /// still be read.
     failed: Option<String>,
+    /// Why the request itself failed (its body broke off, or did not match its length): the
+    /// exchange cannot complete, as the backend waits for the rest.
+    broken: Option<String>,
+}
+
+/// Why sending stopped short.
+enum Fault {
+    Socket(String),
+    Request(String),
 }
 
 impl Sending {
     fn new(head: Bytes, body: Body, framing: RequestFraming) -> Self {
         let body = (framing != RequestFraming::None).then_some(body);
-        let mut sending = Self { out: VecDeque::from([head]), body, framing, sent: 0, received: false, failed: None };
+        let mut sending =
+            Self { out: VecDeque::from([head]), body, framing, sent: 0, received: false, failed: None, broken: None };
         if sending.framing == RequestFraming::Length(0) {
             sending.body = None;
         }
@@ -240,23 +268,28 @@ impl Sending {
     /// Writes what it can, until the socket or the request body is not ready. A failure ends
     /// the sending and is kept in `failed`.
     fn poll_write(&mut self, cx: &mut Context<'_>, io: &mut TcpStream) {
-        if let Err(reason) = self.poll_write_inner(cx, io) {
+        if let Err(fault) = self.poll_write_inner(cx, io) {
             self.body = None;
             self.out.clear();
-            self.failed = Some(reason);
+            match fault {
+                Fault::Socket(reason) => self.failed = Some(reason),
+                Fault::Request(reason) => self.broken = Some(reason),
+            }
         }
     }
 
-    fn poll_write_inner(&mut self, cx: &mut Context<'_>, io: &mut TcpStream) -> Result<(), String> {
+    fn poll_write_inner(&mut self, cx: &mut Context<'_>, io: &mut TcpStream) -> Result<(), Fault> {
         loop {
             while !self.out.is_empty() {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
                 let count = self.out.iter().zip(slices.iter_mut()).map(|(b, s)| *s = IoSlice::new(b)).count();
                 let written = match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]) {
                     Poll::Pending => return Ok(()),
-                    Poll::Ready(Ok(0)) => return Err("the backend connection took no more bytes".to_owned()),
+                    Poll::Ready(Ok(0)) => {
+                        return Err(Fault::Socket("the backend connection took no more bytes".into()));
+                    }
                     Poll::Ready(Ok(n)) => n,
-                    Poll::Ready(Err(e)) => return Err(format!("writing the request: {e}")),
+                    Poll::Ready(Err(e)) => return Err(Fault::Socket(format!("writing the request: {e}"))),
                 };
                 self.consume(written);
             }
@@ -267,19 +300,22 @@ impl Sending {
             };
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.push_data(data)?,
+                    Ok(data) => self.push_data(data).map_err(Fault::Request)?,
                     Err(frame) => {
                         if let (Ok(trailers), RequestFraming::Chunked) = (frame.into_trailers(), self.framing) {
                             self.push_end(Some(&trailers));
                         }
                     }
                 },
-                Some(Err(e)) => return Err(format!("reading the request body: {e}")),
+                Some(Err(e)) => return Err(Fault::Request(format!("reading the request body: {e}"))),
                 None => {
                     if let RequestFraming::Length(length) = self.framing
                         && self.sent != length
                     {
-                        return Err(format!("the request body ended after {} of {length} bytes", self.sent));
+                        return Err(Fault::Request(format!(
+                            "the request body ended after {} of {length} bytes",
+                            self.sent
+                        )));
                     }
                     self.push_end(None);
                 }
@@ -343,6 +379,9 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    /// The reason phrase, when it is not the status's usual one (hyper's HTTP/1 server writes
+    /// it back out).
+    reason: Option<hyper::ext::ReasonPhrase>,
 }
 
 /// Takes a complete response head off the front of `buf`; `None` until one has arrived.
@@ -361,6 +400,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     let status = response.code.and_then(|code| StatusCode::from_u16(code).ok());
     let status = status.ok_or("the backend's response has an invalid status")?;
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let reason = response
+        .reason
+        .filter(|reason| Some(*reason) != status.canonical_reason())
+        .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok());
     // Header values become slices of the head as received, not copies.
     let base = buf.as_ptr() as usize;
     let mut fields = Vec::with_capacity(response.headers.len());
@@ -376,10 +419,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         let value = HeaderValue::from_maybe_shared(head.slice(range));
         headers.append(name, value.map_err(|_| "the backend sent an invalid header value")?);
     }
-    Ok(Some(Head { status, version, headers }))
+    Ok(Some(Head { status, version, headers, reason }))
 }
 
-/// Whether the backend keeps the connection open after this response.
+/// Whether a message of `version` with `headers` leaves the connection open after the exchange.
 fn reusable(version: Version, headers: &HeaderMap) -> bool {
     let tokens =
         || headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim);
@@ -388,11 +431,6 @@ fn reusable(version: Version, headers: &HeaderMap) -> bool {
     } else {
         !tokens().any(|t| t.eq_ignore_ascii_case("close"))
     }
-}
-
-/// Whether the request asked for its connection to close.
-fn closes(headers: &HeaderMap) -> bool {
-    !reusable(Version::HTTP_11, headers)
 }
 
 /// How a response body is delimited.
@@ -419,9 +457,18 @@ enum Chunk {
 }
 
 /// The body's framing (RFC 9112, 6.3), and whether the head leaves the connection clean: a
-/// response with both Transfer-Encoding and Content-Length could be read two ways, so its
-/// connection is not used again (and the Content-Length is dropped).
-fn response_framing(method: &Method, status: StatusCode, headers: &mut HeaderMap) -> Result<(Framing, bool), String> {
+/// response with both Transfer-Encoding and Content-Length could be read two ways, and an
+/// HTTP/1.0 response cannot have Transfer-Encoding, so such a connection is not used again (and
+/// the Content-Length is dropped). A successful CONNECT turns the connection into a tunnel.
+fn response_framing(
+    method: &Method,
+    version: Version,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+) -> Result<(Framing, bool), String> {
+    if method == Method::CONNECT && status.is_success() {
+        return Ok((Framing::Length(0), false));
+    }
     if method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -435,7 +482,7 @@ fn response_framing(method: &Method, status: StatusCode, headers: &mut HeaderMap
             .ok()
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        let clean = headers.remove(CONTENT_LENGTH).is_none();
+        let clean = headers.remove(CONTENT_LENGTH).is_none() && version != Version::HTTP_10;
         return Ok((if chunked { Framing::Chunked(Chunk::Size) } else { Framing::Close }, clean));
     }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter().peekable();
@@ -510,11 +557,13 @@ impl<R: Release> ResponseBody<R> {
     /// The body ended before its framing said it would.
     fn cut_short(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.conn = None;
+        self.sending = None;
         Poll::Ready(Some(Err(BodyError("the backend closed the connection in the middle of the response body".into()))))
     }
 
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.conn = None;
+        self.sending = None;
         Poll::Ready(Some(Err(BodyError(reason))))
     }
 }
@@ -543,6 +592,9 @@ impl<R: Release> hyper::body::Body for ResponseBody<R> {
         if let (Some(sending), Some(conn)) = (this.sending.as_mut(), this.conn.as_mut()) {
             // A backend that stopped reading the request may still finish its response.
             sending.poll_write(cx, &mut conn.io);
+            if let Some(reason) = sending.broken.take() {
+                return this.fail(reason);
+            }
             if sending.failed.is_some() {
                 this.keep = false;
             }

@@ -392,7 +392,7 @@ mod tests {
             let mut body = vec![0; length];
             stream.read_exact(&mut body).await.ok()?;
             got.extend(body);
-        } else if head.contains("transfer-encoding: chunked") {
+        } else if head.lines().any(|l| l.starts_with("transfer-encoding:") && l.ends_with("chunked")) {
             while !got.ends_with(b"\r\n0\r\n\r\n") {
                 if stream.read(&mut byte).await.ok()? == 0 {
                     return None;
@@ -409,13 +409,24 @@ mod tests {
 
     async fn collect(response: Response<Body>) -> (StatusCode, Bytes, Option<http::HeaderMap>) {
         let status = response.status();
-        let collected = response.into_body().collect().await.unwrap();
+        let collected = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect());
+        let collected = collected.await.expect("the body ends").unwrap();
         let trailers = collected.trailers().cloned();
         (status, collected.to_bytes(), trailers)
     }
 
     fn clients() -> PlainClients {
         PlainClients::new(Duration::from_secs(5))
+    }
+
+    /// `clients.send`, failing the test after 10 s instead of hanging it.
+    async fn send(clients: &PlainClients, addr: SocketAddr, request: Request<Body>) -> Result<Response<Body>, String> {
+        let sent = tokio::time::timeout(Duration::from_secs(10), clients.send(addr, Version::HTTP_11, request));
+        sent.await.expect("an answer or an error within 10 s")
+    }
+
+    fn post(body: &'static [u8]) -> Request<Body> {
+        Request::post("/up").body(boxed(Full::new(Bytes::from_static(body)))).unwrap()
     }
 
     const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
@@ -425,7 +436,7 @@ mod tests {
         let mut backend = backend(|_| vec![Some(OK_HELLO); 3]).await;
         let clients = clients();
         for _ in 0..3 {
-            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
             assert_eq!(collect(response).await.1, "hello");
         }
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 1, "one connection for all three");
@@ -441,7 +452,7 @@ mod tests {
         let backend = backend(|_| vec![Some(CHUNKED); 2]).await;
         let clients = clients();
         for _ in 0..2 {
-            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
             let (status, body, trailers) = collect(response).await;
             assert_eq!((status, body.as_ref()), (StatusCode::OK, b"hello world".as_ref()));
             assert_eq!(trailers.unwrap()["x-sum"], "42");
@@ -461,7 +472,7 @@ mod tests {
         let clients = clients();
         let mut got = Vec::new();
         for method in [Method::HEAD, Method::GET, Method::GET, Method::GET] {
-            let response = clients.send(backend.addr, Version::HTTP_11, get(method)).await.unwrap();
+            let response = send(&clients, backend.addr, get(method)).await.unwrap();
             let (status, body, _) = collect(response).await;
             got.push((status.as_u16(), body));
         }
@@ -474,7 +485,7 @@ mod tests {
         let backend = backend(|_| vec![Some(b"HTTP/1.1 200 OK\r\n\r\nuntil close".as_ref())]).await;
         let clients = clients();
         for _ in 0..2 {
-            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
             let body = tokio::time::timeout(Duration::from_secs(5), collect(response)).await;
             assert_eq!(body.expect("the body ends with the connection").1, "until close");
         }
@@ -485,14 +496,13 @@ mod tests {
     async fn request_bodies_go_with_a_length_or_chunked() {
         let mut backend = backend(|_| vec![Some(OK_HELLO); 2]).await;
         let clients = clients();
-        let known = Request::post("/up").body(boxed(Full::new(Bytes::from_static(b"0123456789")))).unwrap();
-        clients.send(backend.addr, Version::HTTP_11, known).await.unwrap();
+        send(&clients, backend.addr, post(b"0123456789")).await.unwrap();
         let (tx, rx) = mpsc::unbounded::<Result<Frame<Bytes>, std::convert::Infallible>>();
         tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"abc")))).unwrap();
         tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"defghijklmnopq")))).unwrap();
         drop(tx);
         let streamed = Request::post("/up").body(boxed(StreamBody::new(rx))).unwrap();
-        let response = clients.send(backend.addr, Version::HTTP_11, streamed).await.unwrap();
+        let response = send(&clients, backend.addr, streamed).await.unwrap();
         assert_eq!(collect(response).await.1, "hello");
         let first = String::from_utf8(backend.requests.recv().await.unwrap()).unwrap();
         assert!(first.ends_with("content-length: 10\r\n\r\n0123456789"), "{first}");
@@ -505,11 +515,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_pooled_connection_the_backend_closed_is_not_used() {
-        // Each connection answers one request, then closes without saying so.
+        // Each connection answers one request, then closes without saying so. (POSTs with a
+        // body, which are never sent twice: each must find its connection closed beforehand.)
         let backend = backend(|_| vec![Some(OK_HELLO)]).await;
         let clients = clients();
         for _ in 0..3 {
-            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            let response = send(&clients, backend.addr, post(b"once")).await.unwrap();
             assert_eq!(collect(response).await.1, "hello");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -522,12 +533,11 @@ mod tests {
         let backend = backend(|_| vec![Some(OK_HELLO), None]).await;
         let clients = clients();
         for _ in 0..2 {
-            let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+            let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
             assert_eq!(collect(response).await.1, "hello");
         }
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "the second GET went again on a new connection");
-        let post = Request::post("/up").body(boxed(Full::new(Bytes::from_static(b"once")))).unwrap();
-        let failed = clients.send(backend.addr, Version::HTTP_11, post).await.unwrap_err();
+        let failed = send(&clients, backend.addr, post(b"once")).await.unwrap_err();
         assert!(failed.contains("closed the connection before responding"), "{failed}");
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "a POST with a body is not sent twice");
     }
@@ -536,26 +546,84 @@ mod tests {
     async fn an_early_answer_ends_an_upload_the_backend_will_not_read() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
         tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                stream.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    stream.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+                    // Reads on (the rest of the body, a next request) without answering.
+                    while stream.read(&mut [0; 4096]).await.unwrap_or(0) > 0 {}
+                });
             }
-            stream.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n").await.unwrap();
-            let _ = stream.read(&mut [0; 1]).await;
         });
         // A body that never ends.
         let (tx, rx) = mpsc::unbounded::<Result<Frame<Bytes>, std::convert::Infallible>>();
         tx.unbounded_send(Ok(Frame::data(Bytes::from(vec![b'x'; 1 << 20])))).unwrap();
         let request = Request::post("/up").body(boxed(StreamBody::new(rx))).unwrap();
         let clients = clients();
-        let sent = tokio::time::timeout(Duration::from_secs(5), clients.send(addr, Version::HTTP_11, request));
-        let response = sent.await.expect("answered while the body was still going").unwrap();
+        let response = send(&clients, addr, request).await.unwrap();
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         drop(tx);
+        // That connection is out of step (the body was cut short): the next request opens another.
+        let response = send(&clients, addr, get(Method::GET)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn answers_that_end_their_connection_leave_it_out_of_the_pool() {
+        const ENDING: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ];
+        // The first connection gives the ending answer and would answer a second request too.
+        let backend = backend(|n| vec![Some(ENDING[n / 2]), Some(OK_HELLO)]).await;
+        let clients = clients();
+        for (i, _) in ENDING.iter().enumerate() {
+            let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
+            assert_eq!(collect(response).await.1, "hello", "answer {i}");
+            let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
+            assert_eq!(collect(response).await.1, "hello", "answer {i}");
+            assert_eq!(backend.accepted.load(Ordering::SeqCst), 2 * (i + 1), "answer {i} left its connection pooled");
+            // The second connection is pooled and clean: it goes away with the pool.
+            clients.lock().http1.clear();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_breaks_off_fails_the_request_at_once() {
+        let backend = backend(|_| vec![Some(OK_HELLO)]).await;
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"part"))), Err(std::io::Error::other("client went away"))];
+        let request = Request::post("/up").body(boxed(StreamBody::new(futures::stream::iter(frames)))).unwrap();
+        let failed = send(&clients(), backend.addr, request).await.unwrap_err();
+        assert!(failed.contains("client went away"), "{failed}");
+    }
+
+    #[tokio::test]
+    async fn a_reason_phrase_and_a_transfer_coding_are_carried() {
+        let mut backend =
+            backend(|_| vec![Some(b"HTTP/1.1 200 Fine Thanks\r\ncontent-length: 0\r\n\r\n".as_ref())]).await;
+        let mut request = post(b"gzipped");
+        request.headers_mut().insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+        let response = send(&clients(), backend.addr, request).await.unwrap();
+        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>().expect("a reason phrase");
+        assert_eq!(reason.as_bytes(), b"Fine Thanks");
+        let sent = String::from_utf8(backend.requests.recv().await.unwrap()).unwrap();
+        assert!(sent.ends_with("transfer-encoding: gzip, chunked\r\n\r\n7\r\ngzipped\r\n0\r\n\r\n"), "{sent}");
     }
 
     #[tokio::test]
@@ -578,7 +646,7 @@ mod tests {
                 stream.write_all(bad).await.unwrap();
                 let _ = stream.read(&mut [0; 1]).await;
             });
-            let outcome = match clients.send(addr, Version::HTTP_11, get(Method::GET)).await {
+            let outcome = match send(&clients, addr, get(Method::GET)).await {
                 Ok(response) => response.into_body().collect().await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(reason) => Err(reason),
             };
@@ -605,10 +673,10 @@ mod tests {
             head
         });
         let clients = clients();
-        let response = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await.unwrap();
+        let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
         let cut = response.into_body().collect().await;
         assert!(cut.unwrap_err().to_string().contains("middle of the response body"));
-        let huge = clients.send(backend.addr, Version::HTTP_11, get(Method::GET)).await;
+        let huge = send(&clients, backend.addr, get(Method::GET)).await;
         assert!(huge.unwrap_err().contains("over 65536 bytes"));
     }
 }
