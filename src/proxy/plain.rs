@@ -589,8 +589,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         ];
-        // The first connection gives the ending answer and would answer a second request too.
-        let backend = backend(|n| vec![Some(ENDING[n / 2]), Some(OK_HELLO)]).await;
+        // Connections come in pairs: the first gives an ending answer and would answer a second
+        // request too, the second answers plainly.
+        let backend =
+            backend(|n| if n % 2 == 0 { vec![Some(ENDING[n / 2]), Some(OK_HELLO)] } else { vec![Some(OK_HELLO); 2] })
+                .await;
         let clients = clients();
         for (i, _) in ENDING.iter().enumerate() {
             let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
@@ -598,7 +601,8 @@ mod tests {
             let response = send(&clients, backend.addr, get(Method::GET)).await.unwrap();
             assert_eq!(collect(response).await.1, "hello", "answer {i}");
             assert_eq!(backend.accepted.load(Ordering::SeqCst), 2 * (i + 1), "answer {i} left its connection pooled");
-            // The second connection is pooled and clean: it goes away with the pool.
+            // The second connection is pooled and clean; dropped, so the next pair starts afresh.
+            assert_eq!(clients.lock().http1.get(&backend.addr).map(Vec::len), Some(1));
             clients.lock().http1.clear();
         }
     }
