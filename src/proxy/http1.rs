@@ -253,13 +253,9 @@ enum Fault {
 
 impl Sending {
     fn new(head: Bytes, body: Body, framing: RequestFraming) -> Self {
-        let body = (framing != RequestFraming::None).then_some(body);
-        let mut sending =
-            Self { out: VecDeque::from([head]), body, framing, sent: 0, received: false, failed: None, broken: None };
-        if sending.framing == RequestFraming::Length(0) {
-            sending.body = None;
-        }
-        sending
+        let has_body = !matches!(framing, RequestFraming::None | RequestFraming::Length(0));
+        let body = has_body.then_some(body);
+        Self { out: VecDeque::from([head]), body, framing, sent: 0, received: false, failed: None, broken: None }
     }
 
     /// Whether nothing more is to be sent: all of the request was written, or sending failed.
@@ -739,10 +735,7 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     if digits == 0 || digits > 16 {
         return None;
     }
-    let rest = &line[digits..];
-    let rest_ok =
-        rest.iter().all(|&b| b == b' ' || b == b'\t') || rest.iter().find(|&&b| b != b' ' && b != b'\t') == Some(&b';');
-    if !rest_ok {
+    if !matches!(line[digits..].iter().find(|&&b| b != b' ' && b != b'\t'), None | Some(b';')) {
         return None;
     }
     u64::from_str_radix(std::str::from_utf8(&line[..digits]).ok()?, 16).ok()

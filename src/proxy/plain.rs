@@ -183,7 +183,7 @@ impl PlainClients {
                 Ok(conn) => {
                     let mut pool = self.lock();
                     pool.http2.insert(addr, Pooled { conn: conn.clone(), used: Instant::now() });
-                    self.keep_swept(&mut pool);
+                    keep_swept(&self.pool, &mut pool);
                     Ok(conn)
                 }
                 Err(reason) => {
@@ -216,10 +216,6 @@ impl PlainClients {
             }
         });
         Ok(Http2 { sender, authority })
-    }
-
-    fn keep_swept(&self, pool: &mut Pool) {
-        keep_swept(&self.pool, pool);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
