@@ -247,8 +247,9 @@ async fn start_proxy(
         Arc::new(proxy::Proxy::new(config, snapshots, discovery::Settings::from_config(config), tls_rx, metrics));
     shared.http.register(registry);
     shared.authz.register(registry);
+    let max_connections = config.proxy.max_connections;
     let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr).await.with_context(|| format!("proxy: cannot listen on {addr} ({what})"))
+        proxy::listen(addr, max_connections).with_context(|| format!("proxy: cannot listen on {addr} ({what})"))
     };
     let outbound = bind(config.proxy.outbound_listen, "outbound").await?;
     tokio::spawn(proxy::serve_outbound(

@@ -485,7 +485,8 @@ pub struct ProxyConfig {
     /// An HTTP connection with no bytes for this long is closed gracefully (requests in flight
     /// finish first).
     pub http_idle_timeout: Duration,
-    /// Open connections per direction.
+    /// Open connections per direction; also each proxy listener's accept queue (capped by the
+    /// kernel at net.core.somaxconn).
     pub max_connections: usize,
     /// Ports whose traffic is never protocol-detected (Linkerd's defaults).
     pub opaque_ports: Vec<u16>,

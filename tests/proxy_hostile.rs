@@ -172,6 +172,55 @@ fn thousands_of_idle_connections_cost_bounded_memory() {
     still_serving(&boxes);
 }
 
+/// A process stopped with SIGSTOP until dropped: a proxy too busy to run its accept loop.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn new(daemon: &Daemon) -> Self {
+        nix::sys::signal::kill(daemon.pid(), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(daemon.pid())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+#[test]
+fn a_burst_of_idle_connections_waits_in_the_accept_queue_while_the_proxy_is_busy() {
+    // Tokio's default backlog (1024) would leave the rest of the burst unanswered, or with SYN
+    // cookies connected in the client's eyes only: an idle client would never find out.
+    let count = 1_200;
+    let somaxconn: usize =
+        std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if somaxconn <= count {
+        support::skip(&format!(
+            "net.core.somaxconn is {somaxconn}: the kernel caps every accept queue below this burst of {count}"
+        ));
+        return;
+    }
+    let hard = raise_open_files_limit();
+    assert!(hard as usize > count + 500, "the open-files hard limit {hard} is too low for this drill");
+    let boxes = two_boxes_to(http_backend(), Some("echo"));
+    still_serving(&boxes);
+    let stopped = Stopped::new(&boxes.a);
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        match TcpStream::connect_timeout(&boxes.listener, Duration::from_secs(3)) {
+            Ok(stream) => held.push(stream),
+            Err(e) => panic!("connection {i} of a burst of {count} found no room in box A's accept queue: {e}"),
+        }
+    }
+    drop(stopped);
+    let open = |d: &Daemon| metric(d, "tcp_open_connections{direction=\"outbound\"");
+    boxes.a.wait_for("every queued connection proxied", Duration::from_secs(120), |d| open(d) >= count as f64);
+    drop(held);
+    boxes.a.wait_for("all closed", Duration::from_secs(60), |d| open(d) == 0.0);
+    still_serving(&boxes);
+}
+
 #[test]
 fn connections_over_the_limit_are_closed_at_once() {
     let boxes = two_boxes_setup(http_backend(), Some("echo"), "", "max_connections = 20\n");

@@ -25,10 +25,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
-use tokio_rustls::TlsConnector;
 
 use super::balance::{InFlight, Outcome};
 use super::detect::Protocol;
@@ -36,7 +34,7 @@ use super::head::{HeadClock, Watched};
 use super::peer::PeerConnection;
 use super::tcp::{Activity, Counted};
 use super::transport::Header;
-use super::{Error, Proxy, ServicePolicy, connect};
+use super::{Error, Proxy, ServicePolicy};
 use crate::drain;
 use crate::model::RouteRetry;
 use crate::policy::RequestInfo;
@@ -669,17 +667,7 @@ async fn open_peer(
     target_port: u16,
     authority: &str,
 ) -> Result<PeerConnection, Error> {
-    let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
-    let server_name = ServerName::try_from(identity.to_owned())
-        .map_err(|e| Error::Tls { peer: identity.to_owned(), reason: e.to_string() })?;
-    let tcp = connect(peer, proxy.connect_timeout).await?;
-    let mut stream = tokio::time::timeout(
-        proxy.connect_timeout,
-        TlsConnector::from(Arc::clone(&tls.client)).connect(server_name, tcp),
-    )
-    .await
-    .map_err(|_| Error::Timeout("TLS handshake with the peer"))?
-    .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: e.to_string() })?;
+    let mut stream = proxy.connect_peer(peer, identity).await?;
     let header =
         Header { target_port, protocol: super::detect::Protocol::Http2, authority: Some(authority.to_owned()) };
     stream.write_all(&header.encode()).await?;

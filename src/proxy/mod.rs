@@ -28,8 +28,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 pub use inbound::serve as serve_inbound;
 pub use outbound::{Target as OutboundTarget, serve as serve_outbound};
@@ -79,6 +83,8 @@ pub struct Proxy {
     /// Bounds open connections per direction; a connection over the limit is closed at once.
     pub outbound_slots: Arc<Semaphore>,
     pub inbound_slots: Arc<Semaphore>,
+    /// Turns to open an mTLS connection to a peer (see [`HANDSHAKES_IN_FLIGHT`]).
+    handshakes: Semaphore,
     pub opaque_ports: Vec<u16>,
     pub http: http::HttpMetrics,
     pub balancer: Arc<balance::Balancer>,
@@ -130,6 +136,7 @@ impl Proxy {
             outbound_listen: config.outbound_listen,
             outbound_slots: Arc::new(Semaphore::new(config.max_connections)),
             inbound_slots: Arc::new(Semaphore::new(config.max_connections)),
+            handshakes: Semaphore::new(HANDSHAKES_IN_FLIGHT),
             opaque_ports: config.opaque_ports.clone(),
             http: http::HttpMetrics::default(),
             balancer: Arc::new(balance::Balancer::new(&full.traffic)),
@@ -169,7 +176,34 @@ impl Proxy {
     fn current_tls(&self) -> Option<Arc<TlsConfigs>> {
         self.tls.borrow().clone()
     }
+
+    /// An mTLS connection to the peer proxy at `peer`, whose certificate must name `identity`.
+    /// It waits for a turn before connecting, so the peer sees the ClientHello right after the
+    /// connection opens and the deadlines run only while the handshake can make progress.
+    async fn connect_peer(&self, peer: SocketAddr, identity: &str) -> Result<TlsStream<TcpStream>, Error> {
+        let tls = self.current_tls().ok_or(Error::NoCertificate)?;
+        let server_name = ServerName::try_from(identity.to_owned())
+            .map_err(|e| Error::Tls { peer: identity.to_owned(), reason: e.to_string() })?;
+        // The semaphore is never closed; without a permit the handshake would just go unqueued.
+        let _turn = self.handshakes.acquire().await.ok();
+        let tcp = connect(peer, self.connect_timeout).await?;
+        tokio::time::timeout(
+            self.connect_timeout,
+            TlsConnector::from(Arc::clone(&tls.client)).connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| Error::Timeout("TLS handshake with the peer"))?
+        .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: e.to_string() })
+    }
 }
+
+/// mTLS handshakes with peers in flight at once. Each costs the CPU a few hundred microseconds
+/// (milliseconds in a debug build); thousands started together - opaque connections arriving in
+/// a burst, or coming back after a partition - would share the CPU until every one of them
+/// missed its deadline, and the peer's wait for the first bytes. Queued, they finish in order at
+/// the rate the CPU allows. 256 keeps a round of them well under the connect timeout on a
+/// small box while leaving room for peers a WAN round trip away.
+const HANDSHAKES_IN_FLIGHT: usize = 256;
 
 /// Errors that end a proxied connection. Each is counted and logged at debug level; peers never
 /// see more than a closed connection.
@@ -235,6 +269,19 @@ impl Error {
             Error::Io(_) => "io",
         }
     }
+}
+
+/// A proxy listener whose accept queue holds up to `max_connections` (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default), as HAProxy sizes its backlog by maxconn. Tokio's
+/// default of 1024 overflows when a burst of clients arrives faster than the accept loop runs;
+/// the kernel then answers with SYN cookies, and a client that sends nothing after connecting
+/// (server-speaks-first protocols, idle connections) believes it is connected while the proxy
+/// never sees it.
+pub fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections).unwrap_or(u32::MAX))
 }
 
 /// Accepts until the drain starts, bounding open connections with `slots`, and runs `handle`

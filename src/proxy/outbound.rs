@@ -3,10 +3,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
 
 use super::balance::{self, Candidate, InFlight, Outcome};
 use super::detect::Protocol;
@@ -426,18 +424,7 @@ async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan, in_flight: Option<I
             splice(&mut client, &mut server, proxy.tcp_idle_timeout).await?;
         }
         Plan::Meshed { peer, identity, target_port, authority } => {
-            let tls = proxy.current_tls().ok_or(Error::NoCertificate)?;
-            let server_name = ServerName::try_from(identity.clone())
-                .map_err(|e| Error::Tls { peer: identity.clone(), reason: e.to_string() })?;
-            let connected = async {
-                let tcp = connect(peer, proxy.connect_timeout).await?;
-                let handshake = TlsConnector::from(Arc::clone(&tls.client)).connect(server_name, tcp);
-                tokio::time::timeout(proxy.connect_timeout, handshake)
-                    .await
-                    .map_err(|_| Error::Timeout("TLS handshake with the peer"))?
-                    .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: e.to_string() })
-            }
-            .await;
+            let connected = proxy.connect_peer(peer, &identity).await;
             report(in_flight, connected.is_ok());
             let mut server = connected?;
             let header = Header { target_port, protocol: Protocol::Opaque, authority: Some(authority.to_string()) };
