@@ -159,8 +159,7 @@ fn thousands_of_idle_connections_cost_bounded_memory() {
         held.push(TcpStream::connect(boxes.listener).expect("connect while holding idle connections"));
     }
     // Detection times out (nothing sent), so each becomes opaque TCP with an mTLS leg to B.
-    let open = |d: &Daemon| metric(d, "tcp_open_connections{direction=\"outbound\"");
-    boxes.a.wait_for("every idle connection proxied", Duration::from_secs(180), |d| open(d) >= count as f64);
+    every_one_carried(&boxes, count, Duration::from_secs(180));
     let after = rss_kib(&boxes.a);
     let per_connection = (after.saturating_sub(before) * 1024) / count as u64;
     eprintln!("box A: RSS {before} KiB -> {after} KiB with {count} idle connections ({per_connection} B each)");
@@ -168,7 +167,7 @@ fn thousands_of_idle_connections_cost_bounded_memory() {
     still_serving(&boxes);
 
     drop(held);
-    boxes.a.wait_for("all closed", Duration::from_secs(60), |d| open(d) == 0.0);
+    boxes.a.wait_for("all closed", Duration::from_secs(60), |d| outbound_open(d) == 0.0);
     still_serving(&boxes);
 }
 
@@ -190,9 +189,9 @@ impl Drop for Stopped {
 
 #[test]
 fn a_burst_of_idle_connections_waits_in_the_accept_queue_while_the_proxy_is_busy() {
-    // Tokio's default backlog (1024) would leave the rest of the burst unanswered, or with SYN
-    // cookies connected in the client's eyes only: an idle client would never find out.
-    let count = 1_200;
+    // Tokio's default backlog (128) would leave most of the burst unanswered, or connected in
+    // the client's eyes only: an idle client would never find out.
+    let count = 600;
     let somaxconn: usize =
         std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     if somaxconn <= count {
@@ -201,8 +200,12 @@ fn a_burst_of_idle_connections_waits_in_the_accept_queue_while_the_proxy_is_busy
         ));
         return;
     }
+    // This process holds both ends' sockets with the backend; each box two per connection.
     let hard = raise_open_files_limit();
-    assert!(hard as usize > count + 500, "the open-files hard limit {hard} is too low for this drill");
+    if (hard as usize / 4) < count + 100 {
+        support::skip(&format!("the open-files hard limit is {hard}, too low for a burst of {count} connections"));
+        return;
+    }
     let boxes = two_boxes_to(http_backend(), Some("echo"));
     still_serving(&boxes);
     let stopped = Stopped::new(&boxes.a);
@@ -214,11 +217,24 @@ fn a_burst_of_idle_connections_waits_in_the_accept_queue_while_the_proxy_is_busy
         }
     }
     drop(stopped);
-    let open = |d: &Daemon| metric(d, "tcp_open_connections{direction=\"outbound\"");
-    boxes.a.wait_for("every queued connection proxied", Duration::from_secs(120), |d| open(d) >= count as f64);
+    every_one_carried(&boxes, count, Duration::from_secs(120));
     drop(held);
-    boxes.a.wait_for("all closed", Duration::from_secs(60), |d| open(d) == 0.0);
+    boxes.a.wait_for("all closed", Duration::from_secs(60), |d| outbound_open(d) == 0.0);
     still_serving(&boxes);
+}
+
+/// Open connections box A is carrying (counted as soon as one is being carried).
+fn outbound_open(daemon: &Daemon) -> f64 {
+    metric(daemon, "tcp_open_connections{direction=\"outbound\"")
+}
+
+/// Waits until box A carries `count` connections and box B has taken each of them through mTLS
+/// and the transport header (B also counts the HTTP/2 connection `still_serving` opened).
+fn every_one_carried(boxes: &Boxes, count: usize, within: Duration) {
+    boxes.a.wait_for("box A carrying every connection", within, |d| outbound_open(d) >= count as f64);
+    boxes.b.wait_for("box B holding every connection after the handshake", within, |d| {
+        metric(d, "tcp_open_connections{direction=\"inbound\"") >= count as f64
+    });
 }
 
 #[test]

@@ -24,14 +24,15 @@ pub mod stats;
 pub mod tcp;
 pub mod transport;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -83,8 +84,7 @@ pub struct Proxy {
     /// Bounds open connections per direction; a connection over the limit is closed at once.
     pub outbound_slots: Arc<Semaphore>,
     pub inbound_slots: Arc<Semaphore>,
-    /// Turns to open an mTLS connection to a peer (see [`HANDSHAKES_IN_FLIGHT`]).
-    handshakes: Semaphore,
+    handshakes: HandshakeTurns,
     pub opaque_ports: Vec<u16>,
     pub http: http::HttpMetrics,
     pub balancer: Arc<balance::Balancer>,
@@ -136,7 +136,7 @@ impl Proxy {
             outbound_listen: config.outbound_listen,
             outbound_slots: Arc::new(Semaphore::new(config.max_connections)),
             inbound_slots: Arc::new(Semaphore::new(config.max_connections)),
-            handshakes: Semaphore::new(HANDSHAKES_IN_FLIGHT),
+            handshakes: HandshakeTurns::default(),
             opaque_ports: config.opaque_ports.clone(),
             http: http::HttpMetrics::default(),
             balancer: Arc::new(balance::Balancer::new(&full.traffic)),
@@ -184,8 +184,7 @@ impl Proxy {
         let tls = self.current_tls().ok_or(Error::NoCertificate)?;
         let server_name = ServerName::try_from(identity.to_owned())
             .map_err(|e| Error::Tls { peer: identity.to_owned(), reason: e.to_string() })?;
-        // The semaphore is never closed; without a permit the handshake would just go unqueued.
-        let _turn = self.handshakes.acquire().await.ok();
+        let _turn = self.handshakes.take(peer).await;
         let tcp = connect(peer, self.connect_timeout).await?;
         tokio::time::timeout(
             self.connect_timeout,
@@ -197,13 +196,51 @@ impl Proxy {
     }
 }
 
-/// mTLS handshakes with peers in flight at once. Each costs the CPU a few hundred microseconds
-/// (milliseconds in a debug build); thousands started together - opaque connections arriving in
-/// a burst, or coming back after a partition - would share the CPU until every one of them
-/// missed its deadline, and the peer's wait for the first bytes. Queued, they finish in order at
-/// the rate the CPU allows. 256 keeps a round of them well under the connect timeout on a
-/// small box while leaving room for peers a WAN round trip away.
+/// mTLS handshakes in flight at once with one peer. Each costs the CPU a few hundred
+/// microseconds (milliseconds in a debug build); thousands started together - opaque connections
+/// arriving in a burst, or coming back after a partition - would share the CPU until every one
+/// of them missed its deadline, and the peer's wait for the first bytes. Queued, they finish in
+/// order at the rate the CPU allows. 256 keeps a round of them well under the connect timeout
+/// on a small box while leaving room for a peer a WAN round trip away.
 const HANDSHAKES_IN_FLIGHT: usize = 256;
+
+/// Turns to connect to each peer. Kept per peer, so a peer that swallows connections (each
+/// holding its turn until the connect timeout) delays only the connections going to it.
+#[derive(Debug, Default)]
+struct HandshakeTurns {
+    peers: std::sync::Mutex<TurnsByPeer>,
+}
+
+#[derive(Debug, Default)]
+struct TurnsByPeer {
+    /// Alive while a connection to the peer waits for or holds a turn.
+    turns: HashMap<SocketAddr, Weak<Semaphore>>,
+    /// The size at which entries no one uses any more are swept out.
+    sweep_at: usize,
+}
+
+impl HandshakeTurns {
+    /// Waits for a turn to connect to `peer`; the turn ends when the permit is dropped.
+    async fn take(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        let turns = {
+            let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match peers.turns.get(&peer).and_then(Weak::upgrade) {
+                Some(turns) => turns,
+                None => {
+                    if peers.turns.len() >= peers.sweep_at {
+                        peers.turns.retain(|_, turns| turns.strong_count() > 0);
+                        peers.sweep_at = (peers.turns.len() * 2).max(64);
+                    }
+                    let turns = Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT));
+                    peers.turns.insert(peer, Arc::downgrade(&turns));
+                    turns
+                }
+            }
+        };
+        // Never closed: an error cannot happen, and would only mean going without a turn.
+        turns.acquire_owned().await.ok()
+    }
+}
 
 /// Errors that end a proxied connection. Each is counted and logged at debug level; peers never
 /// see more than a closed connection.
@@ -273,10 +310,10 @@ impl Error {
 
 /// A proxy listener whose accept queue holds up to `max_connections` (the kernel caps it at
 /// `net.core.somaxconn`, 4096 by default), as HAProxy sizes its backlog by maxconn. Tokio's
-/// default of 1024 overflows when a burst of clients arrives faster than the accept loop runs;
-/// the kernel then answers with SYN cookies, and a client that sends nothing after connecting
-/// (server-speaks-first protocols, idle connections) believes it is connected while the proxy
-/// never sees it.
+/// listeners get 128 (mio's, after the standard library): a burst of clients arriving faster
+/// than the accept loop runs overflows that, and the kernel drops what does not fit - the
+/// clients' SYNs wait for a retransmission, and a client whose handshake completed as the queue
+/// filled may believe it is connected while the proxy never sees it.
 pub fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;

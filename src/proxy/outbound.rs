@@ -425,7 +425,10 @@ async fn carry(proxy: &Proxy, client: TcpStream, plan: Plan, in_flight: Option<I
         }
         Plan::Meshed { peer, identity, target_port, authority } => {
             let connected = proxy.connect_peer(peer, &identity).await;
-            report(in_flight, connected.is_ok());
+            // A box still without its certificate says nothing about the endpoint.
+            if !matches!(connected, Err(Error::NoCertificate)) {
+                report(in_flight, connected.is_ok());
+            }
             let mut server = connected?;
             let header = Header { target_port, protocol: Protocol::Opaque, authority: Some(authority.to_string()) };
             server.write_all(&header.encode()).await?;
