@@ -5,11 +5,14 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use meshkeep::identity::ca::standalone;
+use support::mesh::metric;
+use support::netns::Lab;
 use support::{Daemon, meshkeep, require_tool};
 
 fn run(program: &str, args: &[&str]) {
@@ -190,4 +193,61 @@ fn curl_to_a_cluster_ip_goes_through_both_proxies() {
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
     let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&tables.stdout).contains("meshkeep"), "table left behind");
+}
+
+#[test]
+fn a_redirected_plaintext_client_hears_a_server_that_speaks_first() {
+    if !Lab::available("the inbound redirect test") {
+        return;
+    }
+    let lab = Lab::create(1);
+    let host = &lab.hosts[0];
+    const PORT: u16 = 3306;
+    // The workload on the box's loopback speaks first, as MySQL and SMTP servers do, then echoes.
+    lab.within(host, || {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).expect("the workload's port");
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = stream.write_all(b"220 workload ready\r\n");
+                    let mut line = [0u8; 64];
+                    if let Ok(n) = stream.read(&mut line) {
+                        let _ = stream.write_all(&line[..n]);
+                    }
+                });
+            }
+        });
+    });
+    let uid = nix::unistd::getuid().as_raw();
+    let mut b = Daemon::builder()
+        .netns(&host.netns)
+        .config(&format!(
+            "[proxy]\ninbound_plaintext = \"accept\"\n[policy]\ndefault = \"all-unauthenticated\"\n\
+             [redirect]\noutbound_cidrs = []\ninbound_ports = [{PORT}]\nproxy_user = \"{uid}\"\n"
+        ))
+        .env("MESHKEEP_PROXY_INBOUND_LISTEN", "0.0.0.0:4143")
+        .spawn();
+    let config = b.config_path().expect("a config file").display().to_string();
+    lab.within(host, || {
+        b.wait_ready();
+        let installed = meshkeep(b.path(), &["-c", &config, "redirect", "install"], &[]);
+        assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+    });
+
+    // A client on another host: it connects and waits for the server's greeting.
+    let mut client = TcpStream::connect((host.uplink_ip, PORT)).expect("connect through the redirect");
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut banner = [0u8; 20];
+    let heard = client.read_exact(&mut banner);
+    assert!(heard.is_ok(), "no greeting through box B ({heard:?})\n{}", b.log());
+    assert_eq!(&banner, b"220 workload ready\r\n");
+    client.write_all(b"hello\n").unwrap();
+    let mut echoed = [0u8; 6];
+    client.read_exact(&mut echoed).expect("the echo");
+    assert_eq!(&echoed, b"hello\n");
+    // The workload listens on loopback only: the connection can have come through box B alone.
+    lab.within(host, || {
+        let through = metric(&b, "tcp_open_total{direction=\"inbound\",tls=\"no_identity\"");
+        assert!(through >= 1.0, "box B did not count the plaintext connection");
+    });
 }

@@ -29,14 +29,15 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: drain::Watch
 
 async fn handle(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -> Result<(), Error> {
     let _ = stream.set_nodelay(true);
+    // Peers send their ClientHello at once. A client still silent at the detect timeout is
+    // plaintext whose server speaks first (redirected MySQL, SMTP), as on the outbound side.
     let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(proxy.detect_timeout, stream.peek(&mut first))
-        .await
-        .map_err(|_| Error::Timeout("waiting for the first bytes"))??;
-    if peeked == 0 {
-        return Ok(());
+    match tokio::time::timeout(proxy.detect_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(0)) => Ok(()),
+        Ok(Ok(_)) if first[0] == 0x16 => mutual_tls(proxy, stream, drain).await,
+        Ok(Ok(_)) | Err(_) => plaintext(&proxy, stream).await,
+        Ok(Err(e)) => Err(e.into()),
     }
-    if first[0] == 0x16 { mutual_tls(proxy, stream, drain).await } else { plaintext(&proxy, stream).await }
 }
 
 async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -> Result<(), Error> {
