@@ -13,14 +13,29 @@ static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 /// Replaces the log filter; `false` when logging was not initialised by [`init`].
 pub fn set_filter(filter: &str) -> bool {
-    FILTER.get().is_some_and(|handle| handle.reload(EnvFilter::builder().parse_lossy(filter)).is_ok())
+    FILTER.get().is_some_and(|handle| handle.reload(env_filter(filter)).is_ok())
+}
+
+/// The configured filter, with kube's line per failed request left out unless the filter names
+/// `kube_client`: a link cut off from its cluster would log one at ERROR per watch per attempt,
+/// while the store says once that a source is unreachable (with the error) and once that it
+/// is back.
+fn env_filter(configured: &str) -> EnvFilter {
+    let filter = EnvFilter::builder().parse_lossy(configured);
+    if configured.contains("kube_client") {
+        return filter;
+    }
+    match "kube_client::client::builder=off".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    }
 }
 
 /// Installs the global subscriber. `stderr_is_journal` says whether systemd connected stderr to
 /// the journal, which `auto` follows.
 pub fn init(config: &LogConfig, stderr_is_journal: bool) {
     // The filter was validated when the configuration was loaded.
-    let (filter, handle) = reload::Layer::new(EnvFilter::builder().parse_lossy(config.filter.as_str()));
+    let (filter, handle) = reload::Layer::new(env_filter(config.filter.as_str()));
     let _ = FILTER.set(handle);
     let want_journal = match config.output {
         LogOutput::Journald => true,

@@ -203,24 +203,35 @@ fn an_enormous_list_stops_at_max_response_size_and_memory_stays_bounded() {
 
 #[test]
 fn gone_forever_keeps_serving_and_backs_off() {
-    let lists = |kube: &FakeKube| kube.requests().iter().filter(|r| r.path == SERVICES && !r.is_watch()).count();
+    let lists = |kube: &FakeKube| -> Vec<Instant> {
+        kube.requests().iter().filter(|r| r.path == SERVICES && !r.is_watch()).map(|r| r.at).collect()
+    };
     let mut drill = Drill::synced("");
-    let at_restart = lists(&drill.kube);
+    let at_restart = lists(&drill.kube).len();
     drill.restart_into(|kube| kube.fault_lists(SERVICES, Fault::Status(410), FOREVER));
     drill.add_later_service();
     wait_reported(&drill.daemon, "Expired", SYNC, true);
 
-    let before = lists(&drill.kube);
-    let window = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < window {
+    // Each failed list waits longer before the next: 0.4-0.8 s, then 0.8-1.6, 1.6-3.2, 3.2-6.4...
+    // So within 14 s of the first failure at most 6 lists, and one wait of 3 s or more (a retry
+    // about once a second, as kube-runtime's own backoff did, has neither).
+    let first = lists(&drill.kube)[at_restart];
+    while first.elapsed() < Duration::from_secs(14) {
         assert_serving(&drill.daemon, "while every services list answers 410");
         std::thread::sleep(Duration::from_millis(250));
     }
-    let relists = lists(&drill.kube) - before;
-    assert!(relists < 20, "{relists} services lists in 5 s: the link spins instead of backing off");
-    let tries = lists(&drill.kube) - at_restart;
-    assert!(tries >= 2, "{tries} services lists since the restart: the link must keep trying");
+    let tries: Vec<Instant> =
+        lists(&drill.kube)[at_restart..].iter().copied().filter(|at| *at - first < Duration::from_secs(14)).collect();
+    let waits: Vec<Duration> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(tries.len() >= 3, "{} services lists in 14 s: the link must keep trying", tries.len());
+    assert!(tries.len() <= 6, "{} services lists in 14 s, waits {waits:?}: the link does not back off", tries.len());
+    assert!(waits.iter().any(|w| *w >= Duration::from_secs(3)), "the waits do not grow: {waits:?}");
     assert_eq!(link_status(&drill.daemon)["state"], "disconnected");
+    // Said by the store when the source turns unreachable (again after another kind's list
+    // made contact at the start), not once per attempt.
+    let log = drill.daemon.log();
+    let said = log.matches("source unreachable").count();
+    assert!(said < tries.len(), "said {said} times in {} attempts:\n{log}", tries.len());
 
     drill.kube.clear_faults();
     wait_recovered(&drill.daemon);

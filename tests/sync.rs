@@ -77,6 +77,12 @@ fn link_down_keeps_serving_and_reports_disconnected() {
     let status = daemon.status();
     assert!(status["sources"][0]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{status}");
     assert_eq!(daemon.get("/ready").0, 200, "ready means serving from the snapshot, connected or not");
+    // Every watch keeps failing to connect meanwhile: the store says so once, kube not per request.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = daemon.log();
+    assert_eq!(log.matches("source unreachable").count(), 1, "{log}");
+    let kube_errors = log.lines().filter(|l| l.contains("ERROR") && l.contains("kube_client")).count();
+    assert_eq!(kube_errors, 0, "kube's per-request error lines are in the log:\n{log}");
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //!
 //! Each kind (and each namespace, when the link is limited to some) has its own watcher with
 //! kube-rs semantics: paginated list, watch from the list's resourceVersion, bookmarks,
-//! relist on 410 Gone, and backoff with jitter on errors. A relist is buffered from `Init` to
-//! `InitDone` and handed to the store as one replacement. What a response may bring into memory
+//! relist on 410 Gone. Errors are backed off here (see [`Retry`]). A relist is buffered from
+//! `Init` to `InitDone` and handed to the store as one replacement. What a response may bring into memory
 //! is bounded by the link's `max_response_size` (see `limit.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,7 +17,6 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use kube::client::ClientBuilder;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -240,8 +239,9 @@ where
     // Set when this watch reported a failure; its next good event reports contact again (a
     // watch stream carries on after a bad event, so no relist may come to say so).
     let mut failing = false;
+    let mut retry = Retry::new();
     'restart: loop {
-        let mut stream = watcher(api.clone(), wc.clone()).default_backoff().boxed();
+        let mut stream = watcher(api.clone(), wc.clone()).boxed();
         let mut buffer: Option<Vec<Object>> = None;
         loop {
             let idle = if buffer.is_some() { LIST_IDLE_TIMEOUT } else { WATCH_IDLE_TIMEOUT };
@@ -258,6 +258,7 @@ where
                     continue 'restart;
                 }
             };
+            let mut pause = None;
             let alive = match event {
                 Ok(Event::Init) => {
                     buffer = Some(Vec::new());
@@ -270,6 +271,7 @@ where
                     true
                 }
                 Ok(Event::InitDone) => {
+                    retry = Retry::new();
                     let objects = buffer.take().unwrap_or_default();
                     let complete = ctx.listed();
                     reported_absent = false;
@@ -286,6 +288,7 @@ where
                         && ctx.send(Update::Contact { source: ctx.source.clone() }).await
                 }
                 Ok(Event::Apply(object)) => {
+                    retry = Retry::new();
                     let resource_version = object.meta().resource_version.clone();
                     let applied = match convert_or_warn(&ctx, &object, convert).await {
                         Some(converted) => {
@@ -297,6 +300,7 @@ where
                     applied && ctx.recovered(&mut failing).await
                 }
                 Ok(Event::Delete(object)) => {
+                    retry = Retry::new();
                     let meta = object.meta();
                     let key = ObjectRef::new(
                         meta.namespace.clone().unwrap_or_default(),
@@ -313,6 +317,8 @@ where
                 }
                 Err(error) => {
                     buffer = None;
+                    // The watcher tries again as soon as it is polled: not before the delay.
+                    pause = Some(retry.delay());
                     if is_not_served(&error) {
                         if reported_absent {
                             true
@@ -334,7 +340,39 @@ where
             if !alive {
                 return;
             }
+            if let Some(delay) = pause {
+                tokio::time::sleep(delay).await;
+            }
         }
+    }
+}
+
+/// The wait before a watch tries again after an error: from 0.8 s, doubling up to 30 s (the
+/// numbers of client-go's reflector and kube-runtime's default), each drawn between half and
+/// all of it so that watches (and boxes) cut off together do not come back in step. Only
+/// progress - a list completed, an event - starts it over. kube-runtime's own backoff would not
+/// do: it starts over on every item, and its watcher yields `Init` before each list attempt,
+/// so against an unreachable cluster it kept retrying about once a second for as long as the
+/// partition lasted.
+#[derive(Debug)]
+struct Retry {
+    next: Duration,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(800);
+    const LONGEST: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    fn delay(&mut self) -> Duration {
+        let full = self.next;
+        self.next = (full * 2).min(Self::LONGEST);
+        let half = full / 2;
+        let spread = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        half + Duration::from_nanos(crate::proxy::balance::roll() % spread.saturating_add(1))
     }
 }
 
