@@ -17,9 +17,9 @@ pub fn set_filter(filter: &str) -> bool {
 }
 
 /// The configured filter, with kube's line per failed request left out unless the filter names
-/// `kube_client`: a link cut off from its cluster would log one at ERROR per watch per attempt,
-/// while the store says once that a source is unreachable (with the error) and once that it
-/// is back.
+/// `kube_client` itself (`kube=debug` alone does not bring it back): a link cut off from its
+/// cluster would log one at ERROR per watch per attempt, while the store says once that a
+/// source is unreachable (with the error) and once that it is back.
 fn env_filter(configured: &str) -> EnvFilter {
     let filter = EnvFilter::builder().parse_lossy(configured);
     if configured.contains("kube_client") {

@@ -512,6 +512,11 @@ where
         let timeout = routed.try_timeout.map_or(left, |t| t.min(left));
         let mut headers = parts.headers.clone();
         let attempt = match &routed.route {
+            Route::Meshed { .. } if proxy.current_tls().is_none() => {
+                // This box has no certificate yet: that says nothing about the endpoint.
+                drop(routed.in_flight.take());
+                Ok(Err(Error::NoCertificate.to_string()))
+            }
             Route::Meshed { peer, identity, target_port, authority } => {
                 // Connection and the headers it names go before the markers are added, so a
                 // client cannot name them away; hyper's HTTP/2 client drops the other

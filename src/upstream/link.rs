@@ -271,7 +271,6 @@ where
                     true
                 }
                 Ok(Event::InitDone) => {
-                    retry = Retry::new();
                     let objects = buffer.take().unwrap_or_default();
                     let complete = ctx.listed();
                     reported_absent = false;
@@ -288,7 +287,6 @@ where
                         && ctx.send(Update::Contact { source: ctx.source.clone() }).await
                 }
                 Ok(Event::Apply(object)) => {
-                    retry = Retry::new();
                     let resource_version = object.meta().resource_version.clone();
                     let applied = match convert_or_warn(&ctx, &object, convert).await {
                         Some(converted) => {
@@ -300,7 +298,6 @@ where
                     applied && ctx.recovered(&mut failing).await
                 }
                 Ok(Event::Delete(object)) => {
-                    retry = Retry::new();
                     let meta = object.meta();
                     let key = ObjectRef::new(
                         meta.namespace.clone().unwrap_or_default(),
@@ -347,27 +344,35 @@ where
     }
 }
 
-/// The wait before a watch tries again after an error: from 0.8 s, doubling up to 30 s (the
-/// numbers of client-go's reflector and kube-runtime's default), each drawn between half and
-/// all of it so that watches (and boxes) cut off together do not come back in step. Only
-/// progress - a list completed, an event - starts it over. kube-runtime's own backoff would not
-/// do: it starts over on every item, and its watcher yields `Init` before each list attempt,
-/// so against an unreachable cluster it kept retrying about once a second for as long as the
-/// partition lasted.
+/// The wait before a watch tries again after an error: from 0.8 s, doubling up to 30 s, and
+/// from the start again once two minutes pass without an error (client-go's reflector numbers),
+/// each wait drawn between half and all of it so that watches (and boxes) cut off together do
+/// not come back in step. kube-runtime's own backoff would not do: it starts over on every
+/// item, and its watcher yields `Init` before each list attempt, so against an unreachable
+/// cluster it kept retrying about once a second for as long as the partition lasted.
 #[derive(Debug)]
 struct Retry {
     next: Duration,
+    last_error: Option<tokio::time::Instant>,
 }
 
 impl Retry {
     const FIRST: Duration = Duration::from_millis(800);
     const LONGEST: Duration = Duration::from_secs(30);
+    /// Errors further apart than this are separate incidents.
+    const FORGET: Duration = Duration::from_secs(120);
 
     fn new() -> Self {
-        Self { next: Self::FIRST }
+        Self { next: Self::FIRST, last_error: None }
     }
 
+    /// The wait after an error that happens now.
     fn delay(&mut self) -> Duration {
+        let now = tokio::time::Instant::now();
+        if self.last_error.is_some_and(|last| now.duration_since(last) > Self::FORGET) {
+            self.next = Self::FIRST;
+        }
+        self.last_error = Some(now);
         let full = self.next;
         self.next = (full * 2).min(Self::LONGEST);
         let half = full / 2;
@@ -394,4 +399,28 @@ async fn convert_or_warn<K: Resource>(
 /// A 404 on list means the resource type is not served (its CRD is not installed).
 fn is_not_served(error: &watcher::Error) -> bool {
     matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_waits_grow_to_the_longest_and_start_over_after_a_quiet_spell() {
+        let mut retry = Retry::new();
+        let mut full = Retry::FIRST;
+        for _ in 0..8 {
+            let wait = retry.delay();
+            assert!(wait >= full / 2 && wait <= full, "{wait:?} outside {:?}..={full:?}", full / 2);
+            tokio::time::advance(wait).await;
+            full = (full * 2).min(Retry::LONGEST);
+        }
+        assert_eq!(full, Retry::LONGEST);
+        // Errors keep coming within the spell (the last one up to 30 s ago): still long waits.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(retry.delay() >= Retry::LONGEST / 2);
+        // Two minutes without one: a new incident starts from the first wait.
+        tokio::time::advance(Retry::FORGET + Duration::from_secs(1)).await;
+        assert!(retry.delay() <= Retry::FIRST);
+    }
 }
