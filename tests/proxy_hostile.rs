@@ -151,6 +151,9 @@ fn thousands_of_idle_connections_cost_bounded_memory() {
     if count < 2_000 {
         eprintln!("NOTE: the open-files hard limit is {hard}; this drill holds {count} connections, not 2000");
     }
+    if under_qemu("the 2,000 idle connections drill") {
+        return;
+    }
     let boxes = two_boxes_to(http_backend(), Some("echo"));
     still_serving(&boxes);
     let before = rss_kib(&boxes.a);
@@ -205,6 +208,9 @@ fn a_burst_of_idle_connections_waits_in_the_accept_queue_while_the_proxy_is_busy
     let hard = raise_open_files_limit();
     if (hard as usize / 4) < count + 100 {
         support::skip(&format!("the open-files hard limit is {hard}, too low for a burst of {count} connections"));
+        return;
+    }
+    if under_qemu("the burst of 600 connections") {
         return;
     }
     let boxes = two_boxes_to(http_backend(), Some("echo"));

@@ -515,6 +515,7 @@ where
             Route::Meshed { .. } if proxy.current_tls().is_none() => {
                 // This box has no certificate yet: that says nothing about the endpoint.
                 drop(routed.in_flight.take());
+                proxy.metrics.error("outbound", Error::NoCertificate.reason());
                 Ok(Err(Error::NoCertificate.to_string()))
             }
             Route::Meshed { peer, identity, target_port, authority } => {

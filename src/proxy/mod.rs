@@ -200,12 +200,12 @@ impl Proxy {
 /// microseconds (milliseconds in a debug build); thousands started together - opaque connections
 /// of many clients to one service arriving in a burst, or coming back after a partition - would
 /// share the CPU until every one of them missed its deadline, and the peer's wait for the first
-/// bytes. Queued, they finish in order at the rate the CPU allows. 256 keeps a round of them
-/// well under the connect timeout on a small box while leaving room for a peer a WAN round trip
-/// away. The cap is per peer, not for the box: one for the box would let peers that swallow
+/// bytes. Queued, they finish in order at the rate the CPU allows. 64 keeps a round of them
+/// well under the peer's first-bytes wait on a slow ARM core (256 did not under qemu-user)
+/// while still allowing hundreds of new connections a second to a peer a WAN round trip away. The cap is per peer, not for the box: one for the box would let peers that swallow
 /// connections (a partition cuts off many at once) hold every turn for the connect timeout; a
 /// burst spread over many peers is bounded only peer by peer.
-const HANDSHAKES_IN_FLIGHT: usize = 256;
+const HANDSHAKES_IN_FLIGHT: usize = 64;
 
 /// Turns to connect to each peer. Kept per peer, so a peer that swallows connections (each
 /// holding its turn until the connect timeout) delays only the connections going to it.

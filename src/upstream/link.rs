@@ -416,7 +416,7 @@ mod tests {
             full = (full * 2).min(Retry::LONGEST);
         }
         assert_eq!(full, Retry::LONGEST);
-        // Errors keep coming within the spell (the last one up to 30 s ago): still long waits.
+        // An error 60 s after the last wait ended (75-90 s after that error): still long waits.
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(retry.delay() >= Retry::LONGEST / 2);
         // Two minutes without one: a new incident starts from the first wait.
