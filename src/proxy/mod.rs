@@ -202,7 +202,8 @@ impl Proxy {
 /// share the CPU until every one of them missed its deadline, and the peer's wait for the first
 /// bytes. Queued, they finish in order at the rate the CPU allows. 64 keeps a round of them
 /// well under the peer's first-bytes wait on a slow ARM core (256 did not under qemu-user)
-/// while still allowing hundreds of new connections a second to a peer a WAN round trip away. The cap is per peer, not for the box: one for the box would let peers that swallow
+/// while still allowing hundreds of new connections a second to a peer a WAN round trip away.
+/// The cap is per peer, not for the box: one for the box would let peers that swallow
 /// connections (a partition cuts off many at once) hold every turn for the connect timeout; a
 /// burst spread over many peers is bounded only peer by peer.
 const HANDSHAKES_IN_FLIGHT: usize = 64;
