@@ -176,18 +176,19 @@ fn thousands_of_idle_connections_cost_bounded_memory() {
 }
 
 /// A process stopped with SIGSTOP until dropped: a proxy too busy to run its accept loop.
-struct Stopped(nix::unistd::Pid);
+struct Stopped<'a>(&'a Daemon);
 
-impl Stopped {
-    fn new(daemon: &Daemon) -> Self {
-        nix::sys::signal::kill(daemon.pid(), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-        Self(daemon.pid())
+impl<'a> Stopped<'a> {
+    fn new(daemon: &'a Daemon) -> Self {
+        daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+        Self(daemon)
     }
 }
 
-impl Drop for Stopped {
+impl Drop for Stopped<'_> {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        // Not through `signal`, which panics: this may run while a panic unwinds.
+        let _ = nix::sys::signal::kill(self.0.pid(), nix::sys::signal::Signal::SIGCONT);
     }
 }
 
