@@ -124,9 +124,14 @@ impl InFlight {
     }
 
     /// Records the outcome and the latency since the pick.
-    pub fn finish(mut self, outcome: Outcome) {
+    pub fn finish(self, outcome: Outcome) {
+        self.finish_at(outcome, Instant::now());
+    }
+
+    /// Records the outcome, seen at `now` (a reading of the clock the caller has anyway).
+    pub fn finish_at(mut self, outcome: Outcome, now: Instant) {
         self.done = true;
-        self.balancer.observe(&self.service, self.addr, self.started.elapsed(), outcome);
+        self.balancer.observe(&self.service, self.addr, now.saturating_duration_since(self.started), outcome, now);
     }
 }
 
@@ -227,8 +232,8 @@ impl Balancer {
         }
     }
 
-    fn observe(&self, service: &str, addr: SocketAddr, rtt: Duration, outcome: Outcome) {
-        let now = Instant::now();
+    /// Records an outcome seen at `now`, `rtt` after the pick.
+    fn observe(&self, service: &str, addr: SocketAddr, rtt: Duration, outcome: Outcome, now: Instant) {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         let Some(e) = services.get_mut(service).and_then(|s| s.get_mut(&addr)) else { return };
         e.pending = e.pending.saturating_sub(1);

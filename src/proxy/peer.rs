@@ -282,6 +282,14 @@ fn reason_of(error: &(dyn std::error::Error + 'static)) -> Reason {
 /// HTTP/2 forbids connection-specific headers; h2 refuses a request that has any. The caller
 /// has removed `Connection` and the headers it names.
 fn strip_connection_specific(headers: &mut HeaderMap) {
+    // Mostly none of them is there: one pass over the names costs less than five lookups that
+    // find nothing.
+    let connection_specific = |name: &HeaderName| {
+        matches!(name.as_str(), "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" | "te")
+    };
+    if !headers.keys().any(connection_specific) {
+        return;
+    }
     for name in [KEEP_ALIVE_HEADER, PROXY_CONNECTION, TRANSFER_ENCODING, UPGRADE] {
         headers.remove(name);
     }

@@ -38,23 +38,24 @@ impl Budget {
         }
     }
 
-    fn epoch(&self) -> u64 {
+    /// The slot `now` falls in (`now` is the caller's reading of the clock, taken anyway).
+    fn epoch(&self, now: Instant) -> u64 {
         let slot = self.window.as_nanos() / SLOTS as u128;
-        (self.start.elapsed().as_nanos() / slot.max(1)) as u64
+        (now.saturating_duration_since(self.start).as_nanos() / slot.max(1)) as u64
     }
 
-    /// Counts an original request (not a retry).
-    pub fn deposit(&self, service: &str) {
-        let epoch = self.epoch();
+    /// Counts an original request (not a retry) that arrived at `now`.
+    pub fn deposit(&self, service: &str, now: Instant) {
+        let epoch = self.epoch(now);
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         // Borrowed: the service's name is copied only the first time.
         let slots = services.entry_ref(service).or_default();
         current(slots, epoch).requests += 1;
     }
 
-    /// Takes one retry from the budget, or says there is none left.
-    pub fn withdraw(&self, service: &str) -> bool {
-        let epoch = self.epoch();
+    /// Takes one retry from the budget at `now`, or says there is none left.
+    pub fn withdraw(&self, service: &str, now: Instant) -> bool {
+        let epoch = self.epoch(now);
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         let slots = services.entry_ref(service).or_default();
         let live = slots.iter().filter(|s| epoch.saturating_sub(s.epoch) < SLOTS as u64);
@@ -88,11 +89,11 @@ mod tests {
         config.retry_budget_window = crate::config::Duration::from_secs(10);
         let budget = Budget::new(&config);
         for _ in 0..100 {
-            budget.deposit("api");
+            budget.deposit("api", Instant::now());
         }
         // 1/s over 10 s, plus 20 % of 100 requests: 30 retries.
-        let granted = (0..100).filter(|_| budget.withdraw("api")).count();
+        let granted = (0..100).filter(|_| budget.withdraw("api", Instant::now())).count();
         assert_eq!(granted, 30);
-        assert!(budget.withdraw("other"), "budgets are per service (the minimum applies)");
+        assert!(budget.withdraw("other", Instant::now()), "budgets are per service (the minimum applies)");
     }
 }

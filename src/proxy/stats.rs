@@ -160,22 +160,22 @@ impl Default for Golden {
 }
 
 impl Golden {
-    fn epoch(&self) -> u64 {
-        self.start.elapsed().as_secs() / SLOT.as_secs()
+    fn epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.start).as_secs() / SLOT.as_secs()
     }
 
-    /// Records one response. `authority` is bounded (a service name), the route is kept for
-    /// at most `MAX_ROUTES` distinct method and path pairs.
+    /// Records one response, answered at `now` after `latency`. `authority` is bounded (a
+    /// service name), the route (method and path) is kept for at most `MAX_ROUTES` distinct pairs.
     pub fn record(
         &self,
         direction: &'static str,
         authority: &str,
-        method: &str,
-        path: &str,
+        (method, path): (&str, &str),
         failure: bool,
         latency: Duration,
+        now: Instant,
     ) {
-        let epoch = self.epoch();
+        let epoch = self.epoch(now);
         let ms = latency.as_secs_f64() * 1000.0;
         record_bounded(&self.services, Lookup(direction, authority, None), epoch, failure, ms);
         let path = path.split('?').next().unwrap_or("/");
@@ -197,7 +197,7 @@ impl Golden {
     }
 
     fn rows(&self, map: &Mutex<HashMap<Key, Window>>) -> Vec<Row> {
-        let epoch = self.epoch();
+        let epoch = self.epoch(Instant::now());
         // The current slot is partly filled: the window covers the full slots before it and
         // the elapsed part of this one.
         let elapsed = self.start.elapsed();
@@ -237,9 +237,10 @@ mod tests {
         let golden = Golden::default();
         for i in 0..100u64 {
             let failure = i % 10 == 0;
-            golden.record("outbound", "web.shop:80", "GET", "/a?x=1", failure, Duration::from_millis(i % 50 + 1));
+            let latency = Duration::from_millis(i % 50 + 1);
+            golden.record("outbound", "web.shop:80", ("GET", "/a?x=1"), failure, latency, Instant::now());
         }
-        golden.record("outbound", "db.shop:80", "POST", "/b", false, Duration::from_millis(3));
+        golden.record("outbound", "db.shop:80", ("POST", "/b"), false, Duration::from_millis(3), Instant::now());
         let services = golden.services();
         assert_eq!(services.len(), 2);
         let web = &services[0];
@@ -264,7 +265,8 @@ mod tests {
 
         let golden = Golden::default();
         for i in 0..(MAX_ROUTES + 50) {
-            golden.record("inbound", "api", "GET", &format!("/item/{i}"), false, Duration::from_millis(1));
+            let path = format!("/item/{i}");
+            golden.record("inbound", "api", ("GET", &path), false, Duration::from_millis(1), Instant::now());
         }
         assert_eq!(golden.routes().len(), MAX_ROUTES);
         assert_eq!(golden.services().len(), 1);

@@ -8,46 +8,52 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use nix::time::{ClockId, clock_gettime};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
 
 /// Copy buffer per direction: bounded, so a connection costs at most twice this.
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
 /// When bytes last moved on a connection, for idle timeouts. Cheap to touch on every read and
-/// write (one relaxed store); clones share the same clock.
+/// write (a coarse clock and one relaxed store); clones share the same clock.
 #[derive(Debug, Clone)]
 pub struct Activity {
-    start: Instant,
-    /// Milliseconds after `start` of the last read or write.
+    /// [`coarse_ms`] at the last read or write.
     last_ms: Arc<AtomicU64>,
 }
 
 impl Activity {
     pub fn new() -> Self {
-        Self { start: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+        Self { last_ms: Arc::new(AtomicU64::new(coarse_ms())) }
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(coarse_ms(), Ordering::Relaxed);
     }
 
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    /// Resolves once nothing has moved for `idle`.
+    /// Resolves once nothing has moved for `idle` (give or take a clock tick).
     pub async fn idle_for(&self, idle: Duration) {
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         loop {
-            let deadline = self.last() + idle;
-            if deadline <= Instant::now() {
+            let quiet_ms = coarse_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed));
+            if quiet_ms >= idle_ms {
                 return;
             }
-            tokio::time::sleep_until(deadline).await;
+            tokio::time::sleep(Duration::from_millis(idle_ms - quiet_ms)).await;
         }
     }
+}
+
+/// Milliseconds on the kernel's coarse monotonic clock. It moves once per scheduler tick (at
+/// most a few milliseconds behind the precise clock), which is plenty for idle timeouts, and it
+/// is read without the CPU's time-stamp counter: a connection marks every read and write with
+/// it, several times per request.
+fn coarse_ms() -> u64 {
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE)
+        .or_else(|_| clock_gettime(ClockId::CLOCK_MONOTONIC))
+        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    u64::try_from(now.tv_sec()).unwrap_or(0) * 1000 + u64::try_from(now.tv_nsec()).unwrap_or(0) / 1_000_000
 }
 
 impl Default for Activity {
