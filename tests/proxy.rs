@@ -86,15 +86,79 @@ fn an_unmeshed_endpoint_is_reached_directly() {
     assert!(metric(&daemon, "tcp_open_total{direction=\"outbound\",tls=\"no_identity\"") >= 1.0);
 }
 
+/// An HTTP/1.1 server that answers every request with its name, then closes.
+fn named_backend(name: &'static str) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let answer =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}", name.len());
+                let _ = stream.write_all(answer.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn one_peer_connection_carries_requests_for_several_target_ports() {
+    // Box A opens one HTTP/2 connection to box B's pod, for the first request's target port; a
+    // request through it for another port of the same pod must still reach that port.
+    let other = named_backend("other");
+    let boxes = two_boxes_to(http_backend(), Some("echo"));
+    let port = other.port();
+    std::fs::write(
+        boxes.dirs.path().join("a-manifests/other.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: shop}}\nspec: {{clusterIP: 10.96.0.51, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: other-b, namespace: shop, labels: {{kubernetes.io/service-name: other}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n  - addresses: [127.0.0.2]\n    targetRef: {{kind: Pod, namespace: shop, name: echo-0}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: echo-other, namespace: shop}}\nspec:\n  parentRefs: [{{group: core, kind: Service, name: echo, port: 80}}]\n  rules:\n    - matches: [{{path: {{type: PathPrefix, value: /other}}}}]\n      backendRefs: [{{name: other, port: 80}}]\n    - backendRefs: [{{name: echo, port: 80}}]\n"
+        ),
+    )
+    .unwrap();
+    boxes.a.wait_for("other.shop known", Duration::from_secs(30), |d| d.resolve("other.shop")["result"] == "found");
+    let url = |path: &str| format!("http://{}{path}", boxes.listener);
+    // The route is in force once /other answers as `other` (the snapshot may come in parts); if
+    // box B took it to the connection's first port instead, echo answers it and this times out.
+    let first = curl(&["--http1.1", &url("/hello")]);
+    assert!(first.contains("x-seen-host:"), "the first request opens the connection, to echo's port\n{first}");
+    boxes.a.wait_for("/other answered by the backend on other's port", Duration::from_secs(30), |_| {
+        curl(&["--http1.1", &url("/other")]).ends_with("\r\n\r\nother")
+    });
+    for _ in 0..3 {
+        let echo = curl(&["--http1.1", &url("/hello")]);
+        assert!(echo.contains("x-seen-host:") && echo.contains("x-leaked: \r\n"), "{echo}");
+        let other = curl(&["--http1.1", &url("/other/x")]);
+        assert!(other.ends_with("\r\n\r\nother"), "{other}");
+    }
+    let connections = metric(&boxes.b, "tcp_open_total{direction=\"inbound\"");
+    assert_eq!(connections, 1.0, "box A carried every request over one connection");
+}
+
 #[test]
 fn http1_and_http2_cross_two_boxes_and_are_counted() {
     let boxes = two_boxes_to(http_backend(), Some("echo"));
     let url = format!("http://{}/hello", boxes.listener);
 
-    // A client's own version marker is not taken for box A's.
-    let marker = "meshkeep-original-version: HTTP/2";
-    let http1 =
-        curl(&["--http1.1", "-H", "Host: echo.shop", "-H", marker, "--data-binary", "ping over http/1.1", &url]);
+    // A client's own markers are not taken for box A's (port 1 would fail: nothing listens).
+    let (version, port) = ("meshkeep-original-version: HTTP/2", "meshkeep-target-port: 1");
+    let http1 = curl(&[
+        "--http1.1",
+        "-H",
+        "Host: echo.shop",
+        "-H",
+        version,
+        "-H",
+        port,
+        "--data-binary",
+        "ping over http/1.1",
+        &url,
+    ]);
     assert!(http1.starts_with("HTTP/1.1 200"), "{http1}");
     assert!(http1.contains("x-seen-version: HTTP/1.1"), "the backend gets the client's version back\n{http1}");
     assert!(http1.contains("x-seen-host: echo.shop"), "{http1}");

@@ -498,12 +498,9 @@ where
     let mut try_started = tokio::time::Instant::from_std(started);
     let deadline = try_started + routed.timeout.unwrap_or(policy.response_timeout);
     let version = parts.version;
-    let host = parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(Authority::as_str))
-        .unwrap_or_else(|| metrics.authority());
+    let host_header = parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
+    let host =
+        host_header.or_else(|| parts.uri.authority().map(Authority::as_str)).unwrap_or_else(|| metrics.authority());
     let path = path_of(&parts.uri);
     let retry = RetryPlan::new(&policy, routed.retry.as_ref(), &parts.method);
     // A retryable request's body is kept for replay up to the limit (a body announced as longer
@@ -532,18 +529,22 @@ where
             }
             Route::Meshed { peer, identity, target_port, authority } => {
                 // Connection and the headers it names go before the markers are added, so a
-                // client cannot name them away; hyper's HTTP/2 client drops the other
+                // client cannot name them away; the peer connection drops the other
                 // connection-specific headers (Keep-Alive, Proxy-Connection, Transfer-Encoding,
-                // Upgrade, TE other than `trailers`).
+                // Upgrade, TE other than `trailers`). A client's own markers would be taken for
+                // the proxy's.
                 remove_connection_headers(&mut headers);
-                headers.insert(TARGET_PORT_HEADER, HeaderValue::from(*target_port));
-                if version == Version::HTTP_11 {
-                    // A client's own marker would be taken for the proxy's.
-                    take_version_marker(&mut headers);
-                } else {
+                take_client_markers(&mut headers);
+                if version != Version::HTTP_11 {
                     headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
                 }
-                let request = build(&parts.method, absolute(host, &path), Version::HTTP_2, headers, body.take());
+                let uri = absolute(host, &path);
+                // :authority carries the Host header's value; box B gives it back to HTTP/1
+                // workloads. One header less to compress and decompress on every request.
+                if host_header.is_some() && uri.authority().is_some_and(|a| a.as_str() == host) {
+                    headers.remove(http::header::HOST);
+                }
+                let request = build(&parts.method, uri, Version::HTTP_2, headers, body.take());
                 let sent = send_to_peer(proxy, *peer, identity, *target_port, authority, request);
                 tokio::time::timeout_at(try_deadline, sent).await
             }
@@ -684,6 +685,11 @@ async fn send_to_peer(
             }
         }
     };
+    // The peer takes requests without a port marker to the port its connection was opened for.
+    let mut request = request;
+    if connection.default_port() != target_port {
+        request.headers_mut().insert(TARGET_PORT_HEADER, HeaderValue::from(target_port));
+    }
     connection.send(request).await
 }
 
@@ -698,7 +704,7 @@ async fn open_peer(
     let header =
         Header { target_port, protocol: super::detect::Protocol::Http2, authority: Some(authority.to_owned()) };
     stream.write_all(&header.encode()).await?;
-    PeerConnection::handshake(stream)
+    PeerConnection::handshake(stream, target_port)
         .await
         .map_err(|e| Error::Tls { peer: format!("{identity} at {peer}"), reason: format!("HTTP/2: {e}") })
 }
@@ -744,25 +750,32 @@ pub struct InboundPeer {
     pub identity: Option<String>,
 }
 
-/// Removes the original-version marker, if there is one. It is mostly absent (HTTP/1.1): a
-/// pass over the names costs less than a lookup that finds nothing.
-fn take_version_marker(headers: &mut http::HeaderMap) -> Option<HeaderValue> {
-    if headers.keys().any(|name| name == ORIGINAL_VERSION_HEADER) {
-        headers.remove(ORIGINAL_VERSION_HEADER)
-    } else {
-        None
+/// Whether a request carries either marker. They are mostly absent (HTTP/1.1 to the port the
+/// connection was opened for): a pass over the names costs less than lookups that find nothing.
+fn has_markers(headers: &http::HeaderMap) -> bool {
+    headers.keys().any(|name| name == TARGET_PORT_HEADER || name == ORIGINAL_VERSION_HEADER)
+}
+
+/// Removes markers a client sent itself, which the peer would take for this proxy's.
+fn take_client_markers(headers: &mut http::HeaderMap) {
+    if has_markers(headers) {
+        headers.remove(TARGET_PORT_HEADER);
+        headers.remove(ORIGINAL_VERSION_HEADER);
     }
 }
 
 /// Takes the markers the peer's proxy added off a request's headers: the target port (else
 /// `default_port`, from the transport header) and the HTTP version the original client used.
 pub(crate) fn take_markers(headers: &mut http::HeaderMap, default_port: u16) -> (u16, Version) {
+    if !has_markers(headers) {
+        return (default_port, Version::HTTP_11);
+    }
     let port = headers
         .remove(TARGET_PORT_HEADER)
         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
         .filter(|p| *p != 0)
         .unwrap_or(default_port);
-    let version = match take_version_marker(headers).as_ref().and_then(|v| v.to_str().ok()) {
+    let version = match headers.remove(ORIGINAL_VERSION_HEADER).as_ref().and_then(|v| v.to_str().ok()) {
         Some("HTTP/2") => Version::HTTP_2,
         Some("HTTP/1.0") => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -774,7 +787,6 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let started = Instant::now();
     let label = peer.authority.as_str();
     let (port, version) = take_markers(request.headers_mut(), peer.default_port);
-    let authority = request.uri().authority().map(ToString::to_string).unwrap_or_default();
     let metrics = proxy.http.request("inbound", label, "true");
     let info = RequestInfo {
         method: request.method().as_str(),
@@ -797,14 +809,16 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let path = path_of(&parts.uri);
     let method = parts.method.clone();
     let target = SocketAddr::new(proxy.inbound_target, port);
-    parts.uri = Uri::from(path.clone());
+    // An HTTP/1 workload gets its Host header back from :authority (box A leaves it out when
+    // they are the same).
     if version != Version::HTTP_2
-        && !parts.headers.contains_key(http::header::HOST)
-        && !authority.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&authority)
+        && let Some(authority) = parts.uri.authority()
+        && let http::header::Entry::Vacant(host) = parts.headers.entry(http::header::HOST)
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
     {
-        parts.headers.insert(http::header::HOST, value);
+        host.insert(value);
     }
+    parts.uri = Uri::from(path.clone());
     parts.version = if version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let response = match proxy.plain.send(target, version, Request::from_parts(parts, boxed(body))).await {
         Ok(response) => response,

@@ -78,6 +78,9 @@ impl Drop for Open {
 pub(super) struct PeerConnection {
     sender: SendRequest<Bytes>,
     shared: Arc<Shared>,
+    /// The target port the connection's transport header named: the peer's default for
+    /// requests that do not name one.
+    default_port: u16,
 }
 
 impl std::fmt::Debug for PeerConnection {
@@ -89,7 +92,7 @@ impl std::fmt::Debug for PeerConnection {
 impl PeerConnection {
     /// The HTTP/2 handshake on an established (mTLS) stream; spawns the task that drives the
     /// connection and the one that PINGs the peer while streams are open.
-    pub(super) async fn handshake<T>(io: T) -> Result<Self, h2::Error>
+    pub(super) async fn handshake<T>(io: T, default_port: u16) -> Result<Self, h2::Error>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -117,7 +120,12 @@ impl PeerConnection {
             }
             task.closed.store(true, Ordering::Release);
         });
-        Ok(Self { sender, shared })
+        Ok(Self { sender, shared, default_port })
+    }
+
+    /// The target port of requests that do not name one.
+    pub(super) fn default_port(&self) -> u16 {
+        self.default_port
     }
 
     /// Whether the connection can take no more requests.
@@ -407,7 +415,7 @@ mod tests {
     /// A connection to an in-process h2 server over an in-memory pipe; the test drives the server.
     async fn pair() -> (PeerConnection, Server) {
         let (client, server) = tokio::io::duplex(1 << 16);
-        let (client, server) = tokio::join!(PeerConnection::handshake(client), h2::server::handshake(server));
+        let (client, server) = tokio::join!(PeerConnection::handshake(client, 80), h2::server::handshake(server));
         (client.expect("client handshake"), server.expect("server handshake"))
     }
 
@@ -550,7 +558,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_sent_before_the_peers_settings_stays_within_its_stream_limit() {
         let (client, server) = tokio::io::duplex(1 << 20);
-        let connection = PeerConnection::handshake(client).await.expect("client handshake");
+        let connection = PeerConnection::handshake(client, 80).await.expect("client handshake");
         // 250 requests leave before the peer has said anything (as when requests queued while
         // the connection was being opened); the peer takes 200 streams at a time.
         let sends: Vec<_> = (0..250)
