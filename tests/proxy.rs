@@ -125,19 +125,44 @@ fn one_peer_connection_carries_requests_for_several_target_ports() {
     let url = |path: &str| format!("http://{}{path}", boxes.listener);
     // The route is in force once /other answers as `other` (the snapshot may come in parts); if
     // box B took it to the connection's first port instead, echo answers it and this times out.
+    // Box A sends the Host header as :authority alone; box B gives it back (else the backend
+    // would see box B's own Host: the backend's address).
+    let seen_host = format!("x-seen-host: {}\r\n", boxes.listener);
     let first = curl(&["--http1.1", &url("/hello")]);
-    assert!(first.contains("x-seen-host:"), "the first request opens the connection, to echo's port\n{first}");
+    assert!(first.contains(&seen_host), "the first request opens the connection, to echo's port\n{first}");
     boxes.a.wait_for("/other answered by the backend on other's port", Duration::from_secs(30), |_| {
         curl(&["--http1.1", &url("/other")]).ends_with("\r\n\r\nother")
     });
     for _ in 0..3 {
         let echo = curl(&["--http1.1", &url("/hello")]);
-        assert!(echo.contains("x-seen-host:") && echo.contains("x-leaked: \r\n"), "{echo}");
+        assert!(echo.contains(&seen_host) && echo.contains("x-leaked: \r\n"), "{echo}");
         let other = curl(&["--http1.1", &url("/other/x")]);
         assert!(other.ends_with("\r\n\r\nother"), "{other}");
     }
     let connections = metric(&boxes.b, "tcp_open_total{direction=\"inbound\"");
     assert_eq!(connections, 1.0, "box A carried every request over one connection");
+}
+
+#[test]
+fn a_box_without_a_certificate_answers_meshed_requests_at_once() {
+    // No issuer and no standalone one: this box never has a certificate, so it cannot reach an endpoint behind a
+    // meshed pod. The client hears so at once: trying again could not help.
+    let dirs = tempfile::tempdir().unwrap();
+    manifests(&dirs.path().join("m"), free_addr().port(), Some("echo"));
+    let listen = free_addr();
+    let daemon = Daemon::start(&format!(
+        "[identity]\nstandalone = false\n[upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n[[proxy.listeners]]\nlisten = \"{listen}\"\nservice = \"echo.shop\"\nport = 80\n",
+        dirs.path().join("m").display().to_string()
+    ));
+    daemon.wait_for("echo.shop known", Duration::from_secs(30), |d| d.resolve("echo.shop")["result"] == "found");
+    for _ in 0..3 {
+        let answer = curl(&["--http1.1", "-H", "Host: echo.shop", &format!("http://{listen}/")]);
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(answer.contains("meshkeep-error: no proxy certificate yet"), "{answer}");
+    }
+    let errors = metric(&daemon, "meshkeep_proxy_errors_total{direction=\"outbound\",reason=\"no_certificate\"}");
+    assert_eq!(errors, 3.0, "one try per request");
+    assert_eq!(metric(&daemon, "meshkeep_retries_total"), 0.0, "no retries");
 }
 
 #[test]

@@ -404,7 +404,9 @@ fn a_slow_response_times_out_with_504() {
     assert!(metrics.contains("status_code=\"504\""), "{metrics}");
 }
 
-/// Policy for box B: `web` may GET /allowed..., over HTTP; TCP on no port.
+/// Policy for box B: `web` may GET /allowed... with the Host curl sends (box A's listener; it
+/// crosses as :authority alone, and box B must have it back before authorizing), over HTTP;
+/// TCP on no port.
 fn policy(dir: &Path, sources: &[&str]) {
     let sources: String =
         sources.iter().map(|s| format!("    - {{kind: ServiceAccount, name: {s}, namespace: shop}}\n")).collect();
@@ -412,7 +414,7 @@ fn policy(dir: &Path, sources: &[&str]) {
     std::fs::write(
         dir.join("policy.yaml"),
         format!(
-            "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: echo-routes, namespace: shop}}\nspec:\n  matches:\n    - {{name: allowed, methods: [GET], pathRegex: \"/allowed(/.*)?\"}}\n---\napiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{name: echo-readers, namespace: shop}}\nspec:\n  destination: {{kind: ServiceAccount, name: echo, namespace: shop}}\n  rules:\n    - {{kind: HTTPRouteGroup, name: echo-routes, matches: [allowed]}}\n  sources:\n{sources}"
+            "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: echo-routes, namespace: shop}}\nspec:\n  matches:\n    - {{name: allowed, methods: [GET], pathRegex: \"/allowed(/.*)?\", headers: {{host: '127.0.0.1:[0-9]+'}}}}\n---\napiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{name: echo-readers, namespace: shop}}\nspec:\n  destination: {{kind: ServiceAccount, name: echo, namespace: shop}}\n  rules:\n    - {{kind: HTTPRouteGroup, name: echo-routes, matches: [allowed]}}\n  sources:\n{sources}"
         ),
     )
     .unwrap();

@@ -1,6 +1,8 @@
 //! HTTP through the proxy: requests are balanced one by one, and between two boxes every
 //! request (HTTP/1 or HTTP/2 from the client) rides one pooled HTTP/2 connection over mTLS,
-//! marked with its original version and target port so the peer can restore both.
+//! marked with its original version (unless HTTP/1.1) and its target port (unless it is the one
+//! the connection was opened for) so the peer can restore both. An HTTP/1 client's Host header
+//! travels as :authority only; the peer gives it back to the workload.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,8 +40,9 @@ use crate::drain;
 use crate::model::RouteRetry;
 use crate::policy::RequestInfo;
 
-/// Request header naming the port on the peer a request is for. (Names made at compile time:
-/// a name given as a string is parsed and checked on every use.)
+/// Request header naming the port on the peer a request is for; without it, the request is for
+/// the port the connection's transport header named. (Names made at compile time: a name given
+/// as a string is parsed and checked on every use.)
 pub const TARGET_PORT_HEADER: HeaderName = HeaderName::from_static("meshkeep-target-port");
 /// Request header carrying the client's HTTP version across the HTTP/2 hop; without it, the
 /// version is HTTP/1.1 (the most common, so it goes without).
@@ -508,7 +511,13 @@ where
     let announced = hyper::body::Body::size_hint(&body).exact();
     let mut body = if retry.max > 0 && announced.is_none_or(|size| size <= policy.retry_body_limit as u64) {
         match tokio::time::timeout_at(deadline, RequestBody::buffer(body, policy.retry_body_limit)).await {
-            Ok(Ok(body)) => body,
+            Ok(Ok(body)) => {
+                // A body that had to be waited for is not part of the first try's time.
+                if announced != Some(0) {
+                    try_started = tokio::time::Instant::now();
+                }
+                body
+            }
             Ok(Err(e)) => return empty_with(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}")),
             Err(_) => return empty_with(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
         }
@@ -520,10 +529,14 @@ where
     let (response, answered) = loop {
         let try_deadline = routed.try_timeout.map_or(deadline, |t| deadline.min(try_started + t));
         let mut headers = parts.headers.clone();
+        // Set when another try could not do better.
+        let mut final_answer = false;
         let attempt = match &routed.route {
             Route::Meshed { .. } if proxy.current_tls().is_none() => {
-                // This box has no certificate yet: that says nothing about the endpoint.
+                // This box has no certificate yet: that says nothing about the endpoint, and
+                // the client hears so at once.
                 drop(routed.in_flight.take());
+                final_answer = true;
                 proxy.metrics.error("outbound", Error::NoCertificate.reason());
                 Ok(Err(Error::NoCertificate.to_string()))
             }
@@ -539,9 +552,14 @@ where
                     headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
                 }
                 let uri = absolute(host, &path);
-                // :authority carries the Host header's value; box B gives it back to HTTP/1
-                // workloads. One header less to compress and decompress on every request.
-                if host_header.is_some() && uri.authority().is_some_and(|a| a.as_str() == host) {
+                // From an HTTP/1 client, :authority carries the Host header's value and box B
+                // gives it back to the workload: one header less to compress and decompress on
+                // every request. (An HTTP/2 workload gets no Host from box B: an HTTP/2 client's
+                // own Host header goes as it came.)
+                if version != Version::HTTP_2
+                    && host_header.is_some()
+                    && uri.authority().is_some_and(|a| a.as_str() == host)
+                {
                     headers.remove(http::header::HOST);
                 }
                 let request = build(&parts.method, uri, Version::HTTP_2, headers, body.take());
@@ -569,17 +587,18 @@ where
             }
         };
         let failed = result.as_ref().map_or(true, |r| r.status().is_server_error());
-        let answered = Instant::now();
+        let mut answered = Instant::now();
         if let Some(in_flight) = routed.in_flight.take() {
             in_flight.finish_at(if failed { Outcome::Failure } else { Outcome::Success }, answered);
         }
         // A retry happens before anything of the response reaches the client, and not sooner
         // than the route's backoff.
         let time_left = || deadline > tokio::time::Instant::now() + retry.backoff;
-        if retry.retries(&result) && body.replayable() && retries < retry.max && time_left() {
+        if !final_answer && retry.retries(&result) && body.replayable() && retries < retry.max && time_left() {
             if proxy.budget.withdraw(metrics.authority(), Instant::now()) {
                 tokio::time::sleep(retry.backoff).await;
                 try_started = tokio::time::Instant::now();
+                answered = try_started.into_std();
                 if let Ok(next) = route(proxy, &info) {
                     retries += 1;
                     proxy.http.retried(metrics.authority(), "retried");
@@ -787,6 +806,15 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let started = Instant::now();
     let label = peer.authority.as_str();
     let (port, version) = take_markers(request.headers_mut(), peer.default_port);
+    // An HTTP/1 workload gets its Host header back from :authority (box A leaves it out when
+    // they are the same), before authorization looks at the headers.
+    if version != Version::HTTP_2
+        && let Some(authority) = request.uri().authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        && let http::header::Entry::Vacant(host) = request.headers_mut().entry(http::header::HOST)
+    {
+        host.insert(value);
+    }
     let metrics = proxy.http.request("inbound", label, "true");
     let info = RequestInfo {
         method: request.method().as_str(),
@@ -809,15 +837,6 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let path = path_of(&parts.uri);
     let method = parts.method.clone();
     let target = SocketAddr::new(proxy.inbound_target, port);
-    // An HTTP/1 workload gets its Host header back from :authority (box A leaves it out when
-    // they are the same).
-    if version != Version::HTTP_2
-        && let Some(authority) = parts.uri.authority()
-        && let http::header::Entry::Vacant(host) = parts.headers.entry(http::header::HOST)
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
-    {
-        host.insert(value);
-    }
     parts.uri = Uri::from(path.clone());
     parts.version = if version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let response = match proxy.plain.send(target, version, Request::from_parts(parts, boxed(body))).await {
@@ -834,6 +853,16 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_borrowed_peer_key_finds_the_owned_one() {
+        let mut peers: hashbrown::HashMap<(SocketAddr, Box<str>), u8> = hashbrown::HashMap::default();
+        let (addr, identity) = (SocketAddr::from(([127, 0, 0, 2], 4143)), "echo.shop.serviceaccount");
+        peers.insert((addr, identity.into()), 1);
+        assert_eq!(peers.get(&PeerKey(addr, identity)), Some(&1));
+        assert_eq!(peers.get(&PeerKey(addr, "echo.shop")), None);
+        assert_eq!(peers.get(&PeerKey(SocketAddr::from(([127, 0, 0, 2], 4144)), identity)), None);
+    }
 
     #[test]
     fn connection_headers_and_the_headers_they_name_are_removed() {
