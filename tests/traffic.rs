@@ -448,6 +448,8 @@ fn traffic_targets_authorize_by_identity_and_changes_apply_live() {
     });
     let outside = curl(&["--http1.1", &url("/secret")]);
     assert!(outside.starts_with("HTTP/1.1 403"), "only the routes the target names\n{outside}");
+    let other_host = curl(&["--http1.1", "-H", "Host: echo.shop", &url("/allowed/1")]);
+    assert!(other_host.starts_with("HTTP/1.1 403"), "the route's host match holds\n{other_host}");
     let (_, metrics) = boxes.b.get("/metrics");
     assert!(metrics.contains("inbound_http_authz_allow_total{target_port="), "{metrics}");
     assert!(metrics.contains("inbound_http_authz_deny_total{target_port="), "{metrics}");

@@ -83,7 +83,12 @@ pub fn smi_match(m: &HttpMatch, request: &RequestInfo<'_>) -> bool {
         m.methods.is_empty() || m.methods.iter().any(|x| x == "*" || x.eq_ignore_ascii_case(request.method));
     let path_ok = m.path_regex.as_deref().is_none_or(|p| full_match(p, request.path));
     let headers_ok = m.headers.iter().all(|(name, pattern)| {
-        request.headers.get_all(name.as_str()).iter().any(|v| v.to_str().is_ok_and(|v| full_match(pattern, v)))
+        let mut values = request.headers.get_all(name.as_str()).iter().peekable();
+        if name == "host" && values.peek().is_none() {
+            // An HTTP/2 client names the host in :authority alone.
+            return request.host.is_some_and(|host| full_match(pattern, host));
+        }
+        values.any(|v| v.to_str().is_ok_and(|v| full_match(pattern, v)))
     });
     method_ok && path_ok && headers_ok
 }

@@ -340,3 +340,19 @@ fn authorization_is_denied_while_a_source_has_not_listed_its_traffic_targets() {
     assert!(!verdict.allowed, "unknown policy is not the default policy: {verdict:?}");
     assert_eq!(verdict.by, "unknown");
 }
+
+#[test]
+fn an_smi_host_match_reads_the_authority_of_a_request_without_a_host_header() {
+    let mut by_host = smi("by-host", &[], None);
+    by_host.headers.insert("host".into(), "echo\\.shop(:80)?".into());
+    let none = HeaderMap::new();
+    // HTTP/2 names the host in :authority alone.
+    let h2 = |host| RequestInfo { method: "GET", path: "/", headers: &none, host: Some(host) };
+    assert!(smi_match(&by_host, &h2("echo.shop")));
+    assert!(!smi_match(&by_host, &h2("other.shop")));
+    // A Host header, when there is one, is what counts.
+    let mut headers = HeaderMap::new();
+    headers.insert("host", http::HeaderValue::from_static("other.shop"));
+    let h1 = RequestInfo { method: "GET", path: "/", headers: &headers, host: Some("echo.shop") };
+    assert!(!smi_match(&by_host, &h1));
+}

@@ -854,14 +854,34 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
 mod tests {
     use super::*;
 
+    /// Every key in one bucket: a lookup can only tell keys apart by comparing them.
+    #[derive(Default)]
+    struct Collide;
+
+    impl std::hash::Hasher for Collide {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
     #[test]
     fn a_borrowed_peer_key_finds_the_owned_one() {
-        let mut peers: hashbrown::HashMap<(SocketAddr, Box<str>), u8> = hashbrown::HashMap::default();
         let (addr, identity) = (SocketAddr::from(([127, 0, 0, 2], 4143)), "echo.shop.serviceaccount");
+        // It hashes as the owned key does.
+        let mut peers: hashbrown::HashMap<(SocketAddr, Box<str>), u8> = hashbrown::HashMap::default();
         peers.insert((addr, identity.into()), 1);
         assert_eq!(peers.get(&PeerKey(addr, identity)), Some(&1));
-        assert_eq!(peers.get(&PeerKey(addr, "echo.shop")), None);
-        assert_eq!(peers.get(&PeerKey(SocketAddr::from(([127, 0, 0, 2], 4144)), identity)), None);
+        // And it equals only that key.
+        type Colliding = hashbrown::HashMap<(SocketAddr, Box<str>), u8, std::hash::BuildHasherDefault<Collide>>;
+        let mut peers = Colliding::default();
+        peers.insert((addr, identity.into()), 1);
+        peers.insert((addr, "echo.shop".into()), 2);
+        peers.insert((SocketAddr::from(([127, 0, 0, 2], 4144)), identity.into()), 3);
+        assert_eq!(peers.get(&PeerKey(addr, identity)), Some(&1));
+        assert_eq!(peers.get(&PeerKey(addr, "echo.shop")), Some(&2));
+        assert_eq!(peers.get(&PeerKey(SocketAddr::from(([127, 0, 0, 2], 4144)), identity)), Some(&3));
+        assert_eq!(peers.get(&PeerKey(SocketAddr::from(([127, 0, 0, 3], 4143)), identity)), None);
     }
 
     #[test]
