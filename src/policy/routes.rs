@@ -71,6 +71,14 @@ struct Specificity {
     headers: usize,
 }
 
+/// Whether an HTTPRoute or a TrafficSplit names `service` in `namespace`, on any port. When none
+/// does, [`choose`] sends every request to the service itself, so a caller may skip it.
+pub fn any_for(snapshot: &Snapshot, namespace: &str, service: &str) -> bool {
+    let target = ObjectRef::new(namespace, service);
+    indexed(snapshot, Kind::HttpRoute, |index| index.routes_with_parent(&target)).next().is_some()
+        || indexed(snapshot, Kind::TrafficSplit, |index| index.splits_of(&target)).next().is_some()
+}
+
 /// Routes a request for `service` in `namespace` on `port`. `exists(namespace, service)` says
 /// whether a backend service is known; missing backends are dropped.
 pub fn choose(

@@ -213,6 +213,28 @@ fn traffic_splits_weigh_existing_backends_and_respect_their_matches() {
 }
 
 #[test]
+fn routing_is_skipped_only_for_services_no_route_or_split_names() {
+    let none = HeaderMap::new();
+    let api = |s: &Snapshot| routes::any_for(s, "shop", "api");
+    let plain = snapshot(vec![split(&[("api-v2", 1)], vec![])]);
+    assert!(!routes::any_for(&plain, "shop", "api-v2"), "a split's backend is not routed itself");
+    assert!(!routes::any_for(&plain, "other", "api"), "nor the same name in another namespace");
+    assert!(api(&plain), "a TrafficSplit names the service");
+    assert!(api(&snapshot(vec![route("r", vec![rule(vec![], &[("api-v2", 1)])])])), "an HTTPRoute attaches to it");
+    let mut other_port = route("r", vec![rule(vec![], &[("api-v2", 1)])]);
+    if let Object::HttpRoute(r) = &mut other_port {
+        r.parents[0].port = Some(81);
+    }
+    assert!(api(&snapshot(vec![other_port])), "on any port: choose decides by port");
+    // Where nothing names the service, choose sends everything to it: skipping it changes nothing.
+    let empty = snapshot(vec![]);
+    assert!(!api(&empty));
+    let choice = choose(&empty, "GET", "/", &none);
+    assert_eq!((names(&choice), choice.by.as_ref(), &choice.retry), (vec![("api", 1)], "default", &None));
+    assert_eq!((choice.request_timeout, choice.backend_timeout), (None, None));
+}
+
+#[test]
 fn weighted_picks_are_proportional() {
     let choice = routes::Choice {
         by: "t".into(),

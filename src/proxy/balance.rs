@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
 use serde::Serialize;
 
 use crate::config::TrafficConfig;
@@ -21,6 +22,9 @@ pub struct Candidate<'a> {
     pub zone: Option<&'a str>,
     /// EndpointSlice hints: zones that should consume this endpoint.
     pub hints: &'a [String],
+    /// The workload's identity when it is meshed: not the balancer's concern, carried for the
+    /// caller to plan the connection to the endpoint it picked.
+    pub identity: Option<&'a str>,
 }
 
 /// The box's place in the topology.
@@ -172,40 +176,51 @@ impl Balancer {
     ) -> Option<InFlight> {
         let now = Instant::now();
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        if !services.contains_key(service) {
-            services.insert(Arc::from(service), HashMap::default());
-        }
-        let (service, endpoints) = services.get_key_value_mut(service)?;
-        let service = Arc::clone(service);
+        let entry = match services.entry_ref(service) {
+            EntryRef::Occupied(entry) => entry,
+            EntryRef::Vacant(entry) => entry.insert_entry(HashMap::default()),
+        };
+        let service = Arc::clone(entry.key());
+        let endpoints = entry.into_mut();
         // Forget endpoints that left the service once nothing is in flight to them.
         if endpoints.len() > ready.len() {
             endpoints.retain(|addr, e| e.pending > 0 || ready.iter().any(|c| c.addr == *addr));
         }
         let settings = &self.settings;
-        let mut available: Vec<SocketAddr> = Vec::with_capacity(tier.map_or(ready.len(), <[_]>::len));
-        let mut consider = |candidate: &Candidate| {
-            let endpoint = endpoints.entry(candidate.addr).or_insert_with(|| Endpoint::new(settings.default_rtt, now));
-            if endpoint.available(now) {
-                available.push(candidate.addr);
-            }
+        let considered = || {
+            let (tier, all) = match tier {
+                Some(tier) => (tier, &[][..]),
+                None => (&[][..], ready),
+            };
+            tier.iter().copied().chain(all).map(|candidate| candidate.addr)
         };
-        match tier {
-            Some(tier) => tier.iter().for_each(|candidate| consider(candidate)),
-            None => ready.iter().for_each(consider),
-        }
-        // An endpoint whose ejection has run out gets the next request: the probe that decides
+        // The available endpoints, in candidate order, are counted rather than collected. An
+        // endpoint whose ejection has run out gets the next request: the probe that decides
         // whether it comes back.
-        let probe =
-            available.iter().copied().find(|addr| endpoints.get(addr).is_some_and(|e| e.ejected_until.is_some()));
-        let chosen = match available.len() {
-            0 => return None,
-            _ if probe.is_some() => probe?,
-            1 => available[0],
-            n => {
+        let (mut count, mut last, mut probe) = (0, None, None);
+        for addr in considered() {
+            let endpoint = endpoints.entry(addr).or_insert_with(|| Endpoint::new(settings.default_rtt, now));
+            if endpoint.available(now) {
+                count += 1;
+                last = Some(addr);
+                if probe.is_none() && endpoint.ejected_until.is_some() {
+                    probe = Some(addr);
+                }
+            }
+        }
+        let chosen = match (probe, count) {
+            (Some(probe), _) => probe,
+            (None, 1) => last?,
+            (None, 0) => return None,
+            (None, n) => {
                 let first = (roll % n as u64) as usize;
                 let second = (first + 1 + ((roll >> 32) % (n as u64 - 1)) as usize) % n;
+                let mut available = considered().filter(|addr| endpoints.get(addr).is_some_and(|e| e.available(now)));
+                let (low, high) = (first.min(second), first.max(second));
+                let at_low = available.nth(low)?;
+                let at_high = available.nth(high - low - 1)?;
+                let (a, b) = if first < second { (at_low, at_high) } else { (at_high, at_low) };
                 let cost = |addr: &SocketAddr| endpoints.get(addr).map_or(f64::MAX, |e| e.cost(settings, now));
-                let (a, b) = (available[first], available[second]);
                 if cost(&a) <= cost(&b) { a } else { b }
             }
         };

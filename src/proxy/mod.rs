@@ -39,7 +39,7 @@ use tokio_rustls::client::TlsStream;
 pub use inbound::serve as serve_inbound;
 pub use outbound::{Target as OutboundTarget, serve as serve_outbound};
 
-use crate::config::{Config, PlaintextPolicy, PolicyConfig, TrafficConfig};
+use crate::config::{Config, PlaintextPolicy, PolicyConfig, ServiceTraffic, TrafficConfig};
 use crate::discovery;
 use crate::identity::ca::Leaf;
 use crate::store::Snapshots;
@@ -157,12 +157,16 @@ impl Proxy {
     /// The traffic settings for a service, by its authority (`name.ns.svc.<domain>:port`);
     /// overrides are keyed by the short name (`name.ns`).
     pub fn traffic_for(&self, authority: &str) -> ServicePolicy {
-        let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
-        let short = host
-            .strip_suffix(self.settings.cluster_domain.as_str())
-            .and_then(|rest| rest.strip_suffix(".svc."))
-            .unwrap_or(host);
-        let overrides = self.traffic.services.get(short).cloned().unwrap_or_default();
+        let overrides = if self.traffic.services.is_empty() {
+            ServiceTraffic::default()
+        } else {
+            let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+            let short = host
+                .strip_suffix(self.settings.cluster_domain.as_str())
+                .and_then(|rest| rest.strip_suffix(".svc."))
+                .unwrap_or(host);
+            self.traffic.services.get(short).cloned().unwrap_or_default()
+        };
         ServicePolicy {
             response_timeout: overrides.response_timeout.unwrap_or(self.traffic.response_timeout).get(),
             retries: overrides.retries.unwrap_or(self.traffic.retries),

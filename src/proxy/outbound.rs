@@ -57,6 +57,18 @@ impl Plan {
     }
 }
 
+impl From<Plan> for Route {
+    fn from(plan: Plan) -> Self {
+        match plan {
+            Plan::Meshed { peer, identity, target_port, authority } => {
+                Route::Meshed { peer, identity, target_port, authority }
+            }
+            Plan::Plain { addr, authority } => Route::Plain { addr, authority },
+            Plan::Passthrough { addr } => Route::Plain { addr, authority: "unknown".into() },
+        }
+    }
+}
+
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, target: Target, drain: drain::Watch) {
     let slots = Arc::clone(&proxy.outbound_slots);
@@ -208,8 +220,19 @@ struct Remembered {
     snapshot: std::sync::Weak<Snapshot>,
     host: Option<String>,
     resolution: Arc<Resolution>,
+    authority: Arc<str>,
+    routed: bool,
+}
+
+/// Where a request is going, as one snapshot says.
+struct Destined {
+    snapshot: Arc<Snapshot>,
+    resolution: Arc<Resolution>,
     /// `name.ns.svc.<domain>:port`: the metrics label and the balancer's key.
     authority: Arc<str>,
+    /// Whether an HTTPRoute or a TrafficSplit names the service: when none does, every request
+    /// goes to the service itself and [`routes::choose`] is skipped.
+    routed: bool,
 }
 
 impl RequestResolver {
@@ -217,7 +240,7 @@ impl RequestResolver {
         Self { destination, last: std::sync::Mutex::new(None) }
     }
 
-    fn resolve(&self, proxy: &Proxy, request: &RequestInfo<'_>) -> Result<(Arc<Resolution>, Arc<str>), Error> {
+    fn resolve(&self, proxy: &Proxy, request: &RequestInfo<'_>) -> Result<Destined, Error> {
         let snapshot = proxy.snapshots.borrow().clone();
         // Only transparent connections are routed by host: an explicit listener names its service.
         let host = match self.destination {
@@ -229,7 +252,12 @@ impl RequestResolver {
             && std::ptr::eq(seen.snapshot.as_ptr(), Arc::as_ptr(&snapshot))
             && seen.host.as_deref() == host
         {
-            return Ok((Arc::clone(&seen.resolution), Arc::clone(&seen.authority)));
+            return Ok(Destined {
+                resolution: Arc::clone(&seen.resolution),
+                authority: Arc::clone(&seen.authority),
+                routed: seen.routed,
+                snapshot,
+            });
         }
         let mut resolution = resolve_in(proxy, &snapshot, &self.destination)?;
         if matches!(resolution, Resolution::Passthrough(_))
@@ -237,9 +265,11 @@ impl RequestResolver {
         {
             resolution = found;
         }
-        let authority: Arc<str> = match &resolution {
-            Resolution::Service { resolved, port } => resolved.authority(*port).into(),
-            Resolution::Passthrough(_) => "unknown".into(),
+        let (authority, routed): (Arc<str>, bool) = match &resolution {
+            Resolution::Service { resolved, port } => {
+                (resolved.authority(*port).into(), routes::any_for(&snapshot, &resolved.namespace, &resolved.name))
+            }
+            Resolution::Passthrough(_) => ("unknown".into(), false),
         };
         let resolution = Arc::new(resolution);
         *last = Some(Remembered {
@@ -247,8 +277,9 @@ impl RequestResolver {
             host: host.map(str::to_owned),
             resolution: Arc::clone(&resolution),
             authority: Arc::clone(&authority),
+            routed,
         });
-        Ok((resolution, authority))
+        Ok(Destined { snapshot, resolution, authority, routed })
     }
 
     /// The mesh service a Host header names, on its port (else the original port); `None` for
@@ -273,11 +304,14 @@ impl RequestResolver {
 /// The destination of one HTTP request attempt: the route (HTTPRoute, TrafficSplit) picks a
 /// backend service, the balancer an endpoint of it.
 fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -> Result<Routed, Refused> {
-    let (resolution, authority) =
-        resolver.resolve(proxy, request).map_err(|error| Refused { error, authority: None })?;
-    match &*resolution {
-        Resolution::Service { resolved, port } => route_to(proxy, resolved, *port, Arc::clone(&authority), request)
-            .map_err(|error| Refused { error, authority: Some(authority.to_string()) }),
+    let destined = resolver.resolve(proxy, request).map_err(|error| Refused { error, authority: None })?;
+    let authority = destined.authority;
+    match &*destined.resolution {
+        Resolution::Service { resolved, port } => {
+            let routes = destined.routed.then_some((&*destined.snapshot, request));
+            route_to(proxy, resolved, *port, Arc::clone(&authority), routes)
+                .map_err(|error| Refused { error, authority: Some(authority.to_string()) })
+        }
         Resolution::Passthrough(addr) => {
             let route = Route::Plain { addr: *addr, authority: Arc::clone(&authority) };
             Ok(Routed {
@@ -294,21 +328,26 @@ fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -
     }
 }
 
+/// Routes a request for `resolved` on `port`: by the HTTPRoutes and TrafficSplits of `routes`'s
+/// snapshot, or, when `routes` is `None` (none names the service), to the service itself.
 fn route_to(
     proxy: &Proxy,
     resolved: &Resolved,
     port: u16,
     authority: Arc<str>,
-    request: &RequestInfo<'_>,
+    routes: Option<(&Snapshot, &RequestInfo<'_>)>,
 ) -> Result<Routed, Error> {
-    let snapshot = proxy.snapshots.borrow().clone();
+    let Some((snapshot, request)) = routes else {
+        let (plan, in_flight) = plan_for(proxy, resolved, port, Arc::clone(&authority))?;
+        return Ok(Routed { route: plan.into(), in_flight, timeout: None, try_timeout: None, retry: None, authority });
+    };
     // Only a backend the cache knows is absent is dropped; one whose source has not synced is
     // kept, and answers "unknown" (503) if picked, never "no such backend".
     let exists = |namespace: &str, service: &str| {
         let name = format!("{service}.{namespace}");
-        !matches!(discovery::resolve_name(&snapshot, &proxy.settings, &name), Lookup::NotFound)
+        !matches!(discovery::resolve_name(snapshot, &proxy.settings, &name), Lookup::NotFound)
     };
-    let choice = routes::choose(&snapshot, &resolved.namespace, &resolved.name, port, request, exists);
+    let choice = routes::choose(snapshot, &resolved.namespace, &resolved.name, port, request, exists);
     if let Some(status) = choice.refusal {
         return Err(Error::NoRoute { status, by: choice.by });
     }
@@ -320,7 +359,7 @@ fn route_to(
         plan_for(proxy, resolved, backend_port, backend_authority)?
     } else {
         let name = format!("{}.{}", backend.service, backend.namespace);
-        match discovery::resolve_name(&snapshot, &proxy.settings, &name) {
+        match discovery::resolve_name(snapshot, &proxy.settings, &name) {
             Lookup::Found(backend) => {
                 let authority = backend.authority(backend_port).into();
                 plan_for(proxy, &backend, backend_port, authority)?
@@ -329,15 +368,8 @@ fn route_to(
             Lookup::NotFound => return Err(Error::NoEndpoint(format!("{name}:{backend_port} (split backend)"))),
         }
     };
-    let route = match plan {
-        Plan::Meshed { peer, identity, target_port, authority } => {
-            Route::Meshed { peer, identity, target_port, authority }
-        }
-        Plan::Plain { addr, authority } => Route::Plain { addr, authority },
-        Plan::Passthrough { addr } => Route::Plain { addr, authority: "unknown".into() },
-    };
     Ok(Routed {
-        route,
+        route: plan.into(),
         in_flight,
         timeout: choice.request_timeout,
         try_timeout: choice.backend_timeout,
@@ -368,18 +400,17 @@ fn plan_for(
         // A connection straight to an endpoint address, or a port the service does not list.
         None => Some(service_port),
     };
-    let ready = || {
-        endpoints
-            .iter()
-            .filter(|e| e.ready && !e.addresses.is_empty())
-            .filter_map(|e| Some((e, SocketAddr::new(e.addresses[0], target_port(e)?))))
-    };
-    let candidates: Vec<Candidate> = ready()
-        .map(|(e, addr)| Candidate {
-            addr,
-            node: e.node.as_deref(),
-            zone: e.zone.as_deref(),
-            hints: &e.hints_for_zones,
+    let candidates: Vec<Candidate> = endpoints
+        .iter()
+        .filter(|e| e.ready && !e.addresses.is_empty())
+        .filter_map(|e| {
+            Some(Candidate {
+                addr: SocketAddr::new(e.addresses[0], target_port(e)?),
+                node: e.node.as_deref(),
+                zone: e.zone.as_deref(),
+                hints: &e.hints_for_zones,
+                identity: e.identity.as_deref(),
+            })
         })
         .collect();
     if candidates.is_empty() {
@@ -393,16 +424,18 @@ fn plan_for(
         .balancer
         .pick(&authority, &candidates, tier.as_deref(), balance::roll())
         .ok_or_else(|| Error::NoEndpoint(format!("{authority} (every endpoint is ejected after failures)")))?;
-    let (endpoint, addr) =
-        ready().find(|(_, addr)| *addr == in_flight.addr()).ok_or_else(|| Error::NoEndpoint(authority.to_string()))?;
-    let plan = match &endpoint.identity {
+    let picked = candidates
+        .iter()
+        .find(|c| c.addr == in_flight.addr())
+        .ok_or_else(|| Error::NoEndpoint(authority.to_string()))?;
+    let plan = match picked.identity {
         Some(identity) => Plan::Meshed {
-            peer: SocketAddr::new(addr.ip(), proxy.peer_inbound_port),
-            identity: identity.clone(),
-            target_port: addr.port(),
+            peer: SocketAddr::new(picked.addr.ip(), proxy.peer_inbound_port),
+            identity: identity.to_owned(),
+            target_port: picked.addr.port(),
             authority,
         },
-        None => Plan::Plain { addr, authority },
+        None => Plan::Plain { addr: picked.addr, authority },
     };
     Ok((plan, Some(in_flight)))
 }

@@ -2,7 +2,13 @@ use super::*;
 use crate::config::TrafficConfig;
 
 fn candidate(last: u8, node: &'static str, zone: &'static str) -> Candidate<'static> {
-    Candidate { addr: SocketAddr::from(([10, 0, 0, last], 8080)), node: Some(node), zone: Some(zone), hints: &[] }
+    Candidate {
+        addr: SocketAddr::from(([10, 0, 0, last], 8080)),
+        node: Some(node),
+        zone: Some(zone),
+        hints: &[],
+        identity: None,
+    }
 }
 
 fn balancer() -> Arc<Balancer> {
@@ -116,4 +122,27 @@ fn rolls_spread_evenly_in_their_low_and_high_bits() {
     // Threads do not share a stream: two new ones start in different places.
     let first_rolls = || std::thread::spawn(|| (0..4).map(|_| roll()).collect::<Vec<u64>>()).join().unwrap();
     assert_ne!(first_rolls(), first_rolls());
+}
+
+#[test]
+fn two_choices_are_drawn_in_order_from_the_available_endpoints_only() {
+    let balancer = balancer();
+    let ready = [candidate(1, "n", "z"), candidate(2, "n", "z"), candidate(3, "n", "z"), candidate(4, "n", "z")];
+    for _ in 0..7 {
+        balancer.pick("svc", &ready, Some(&[&ready[1]]), 1).unwrap().finish(Outcome::Failure);
+    }
+    let available = [ready[0].addr, ready[2].addr, ready[3].addr];
+    // At equal cost the first choice wins: the roll's low bits pick it among the available.
+    for roll in 0..30u64 {
+        let pick = balancer.pick("svc", &ready, None, roll).unwrap();
+        assert_eq!(pick.addr(), available[(roll % 3) as usize], "roll {roll}");
+    }
+    // With the first choice busy, the second wins: the high bits pick it among the others.
+    let _busy = balancer.pick("svc", &ready, None, 0).unwrap();
+    for (high, expected) in [(0u64, available[1]), (1, available[2]), (2, available[1])] {
+        // The low bits chosen so that the first choice stays the busy endpoint.
+        let roll = (high << 32) + (3 - (high << 32) % 3) % 3;
+        let pick = balancer.pick("svc", &ready, None, roll).unwrap();
+        assert_eq!(pick.addr(), expected, "second choice {high}");
+    }
 }
