@@ -10,7 +10,7 @@
 
 use hashbrown::HashMap;
 use std::net::IpAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::snapshot::SourceView;
 use crate::model::{Kind, Object, ObjectRef};
@@ -128,25 +128,21 @@ impl SourceIndex {
     }
 }
 
-/// A source view's index, built by the first reader that asks. Not carried by clones: the store
-/// clones a view to change it, and the clone builds its own index from what it then holds.
-#[derive(Debug, Default)]
-pub(super) struct LazyIndex(OnceLock<SourceIndex>);
+/// A source view's index, built by the first reader that asks and shared with the view's clones.
+/// The store clones a view to change it, and most changes leave the index as it was (a source's
+/// contact time, its sync state, kinds the index does not cover); a change to a kind it covers
+/// drops it (`SourceView::kind_mut`), and the next reader builds it from what the view then holds.
+#[derive(Debug, Default, Clone)]
+pub(super) struct LazyIndex(OnceLock<Arc<SourceIndex>>);
 
 impl LazyIndex {
     pub(super) fn get_or_build(&self, view: &SourceView) -> &SourceIndex {
-        self.0.get_or_init(|| SourceIndex::build(view))
+        self.0.get_or_init(|| Arc::new(SourceIndex::build(view)))
     }
 
     #[cfg(test)]
     pub(super) fn is_built(&self) -> bool {
         self.0.get().is_some()
-    }
-}
-
-impl Clone for LazyIndex {
-    fn clone(&self) -> Self {
-        Self::default()
     }
 }
 
@@ -166,5 +162,18 @@ mod tests {
             assert_eq!(view.index_is_built(), !SourceIndex::covers(kind), "{kind:?}");
             view.index();
         }
+    }
+
+    #[test]
+    fn a_clone_shares_the_index_until_it_changes_a_kind_the_index_covers() {
+        let mut view = SourceView::default();
+        view.set_kind(Kind::Service, []);
+        let built: *const SourceIndex = view.index();
+        let mut clone = view.clone();
+        clone.meta.last_contact = Some(1);
+        assert!(std::ptr::eq(clone.index(), built), "a change of metadata keeps the index");
+        clone.set_kind(Kind::Service, []);
+        assert!(!clone.index_is_built(), "a change to services drops the clone's index");
+        assert!(std::ptr::eq(view.index(), built), "and leaves the original's");
     }
 }
