@@ -195,7 +195,9 @@ impl Contender {
 fn meshkeep(http_server: SocketAddr, iperf_server: SocketAddr) -> Contender {
     const ONE_WORKER: &str = "[runtime]\nworkers = 1\n";
     let pair = |server: SocketAddr, proxy_extra: &str| {
-        two_boxes_custom(server, &Setup { tables: ONE_WORKER, proxy_extra, ..Setup::default() })
+        // The manifest folder is read as often as a box reads it by default (the tests' boxes
+        // read it every 200 ms).
+        two_boxes_custom(server, &Setup { tables: ONE_WORKER, proxy_extra, poll_interval: "2s", ..Setup::default() })
     };
     let http = pair(http_server, "");
     let opaque = |server: SocketAddr| pair(server, &format!("opaque_ports = [{}]\n", server.port()));

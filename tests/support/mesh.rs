@@ -124,6 +124,8 @@ pub struct Setup<'a> {
     pub a_service_account: &'a str,
     /// Whole tables appended to both boxes' configurations.
     pub tables: &'a str,
+    /// How often box A reads its manifest folder: short, so that tests see changes soon.
+    pub poll_interval: &'a str,
 }
 
 impl Default for Setup<'_> {
@@ -135,12 +137,13 @@ impl Default for Setup<'_> {
             b_extra: "",
             a_service_account: "web",
             tables: "",
+            poll_interval: "200ms",
         }
     }
 }
 
 pub fn two_boxes_custom(backend: SocketAddr, setup: &Setup<'_>) -> Boxes {
-    let Setup { endpoint_sa, identity_extra, proxy_extra, b_extra, a_service_account, tables } = *setup;
+    let Setup { endpoint_sa, identity_extra, proxy_extra, b_extra, a_service_account, tables, poll_interval } = *setup;
     let dirs = tempfile::tempdir().unwrap();
     let identity = format!("{}{identity_extra}", shared_issuer(dirs.path()));
     let b_inbound = SocketAddr::from(([127, 0, 0, 2], free_port_on_b()));
@@ -154,7 +157,7 @@ pub fn two_boxes_custom(backend: SocketAddr, setup: &Setup<'_>) -> Boxes {
     manifests(&dirs.path().join("a-manifests"), backend.port(), endpoint_sa);
     let a_config = format!(
         "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"{a_service_account}\"\n\
-         [upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n\
+         [upstream.local]\npath = {:?}\npoll_interval = \"{poll_interval}\"\n\
          [proxy]\npeer_inbound_port = {}\n{proxy_extra}[[proxy.listeners]]\nlisten = \"{listener}\"\nservice = \"echo.shop\"\nport = 80\n{tables}",
         dirs.path().join("a-manifests").display().to_string(),
         b_inbound.port()
