@@ -245,8 +245,38 @@ impl hashbrown::Equivalent<(SocketAddr, Box<str>)> for PeerKey<'_> {
     }
 }
 
-/// The connection to one peer, once opened; locked while it is being opened.
-type PeerSlot = Arc<Mutex<Option<PeerConnection>>>;
+impl From<&PeerKey<'_>> for (SocketAddr, Box<str>) {
+    fn from(key: &PeerKey<'_>) -> Self {
+        (key.0, key.1.into())
+    }
+}
+
+/// One peer's connection, and the lock its opening holds.
+#[derive(Default)]
+struct PeerSlot {
+    /// Taken under the pool's lock: a request to a peer already connected waits for nothing else.
+    connection: Option<PeerConnection>,
+    /// Held while a connection is being opened (TCP, mTLS, HTTP/2), by one request; the peer's
+    /// other requests wait for it, and no other peer's.
+    opening: Arc<Mutex<()>>,
+}
+
+impl PeerPool {
+    /// The open connection to a peer; else the lock to hold while opening one.
+    fn connection(&self, peer: SocketAddr, identity: &str) -> Result<PeerConnection, Arc<Mutex<()>>> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = peers.entry_ref(&PeerKey(peer, identity)).or_default();
+        match slot.connection.as_ref().filter(|c| !c.is_closed()) {
+            Some(connection) => Ok(connection.clone()),
+            None => Err(Arc::clone(&slot.opening)),
+        }
+    }
+
+    fn opened(&self, peer: SocketAddr, identity: &str, connection: PeerConnection) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.entry_ref(&PeerKey(peer, identity)).or_default().connection = Some(connection);
+    }
+}
 
 impl std::fmt::Debug for PeerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -680,27 +710,24 @@ async fn send_to_peer(
     authority: &str,
     request: Request<Body>,
 ) -> Result<Response<Body>, String> {
-    let slot = {
-        let mut peers = proxy.peers.peers.lock().unwrap_or_else(|e| e.into_inner());
-        match peers.get(&PeerKey(peer, identity)) {
-            Some(slot) => Arc::clone(slot),
-            None => Arc::clone(peers.entry((peer, identity.into())).or_default()),
-        }
-    };
-    let connection = {
-        let mut slot = slot.lock().await;
-        match slot.as_ref().filter(|s| !s.is_closed()) {
-            Some(connection) => connection.clone(),
-            None => {
-                // Boxed: opening (TCP, mTLS, HTTP/2) is rare, and its large state would otherwise
-                // be part of, and copied with, every request's future.
-                let opening = Box::pin(open_peer(proxy, peer, identity, target_port, authority));
-                let connection = opening.await.map_err(|e| {
-                    proxy.metrics.error("outbound", e.reason());
-                    e.to_string()
-                })?;
-                *slot = Some(connection.clone());
-                connection
+    let connection = match proxy.peers.connection(peer, identity) {
+        Ok(connection) => connection,
+        Err(opening) => {
+            let _opening = opening.lock().await;
+            // The request that held the lock before may have opened it.
+            match proxy.peers.connection(peer, identity) {
+                Ok(connection) => connection,
+                Err(_) => {
+                    // Boxed: opening is rare, and its large state would otherwise be part of,
+                    // and copied with, every request's future.
+                    let opening = Box::pin(open_peer(proxy, peer, identity, target_port, authority));
+                    let connection = opening.await.map_err(|e| {
+                        proxy.metrics.error("outbound", e.reason());
+                        e.to_string()
+                    })?;
+                    proxy.peers.opened(peer, identity, connection.clone());
+                    connection
+                }
             }
         }
     };

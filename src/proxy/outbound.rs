@@ -219,14 +219,12 @@ struct Remembered {
     /// later snapshot can take its address.
     snapshot: std::sync::Weak<Snapshot>,
     host: Option<String>,
-    resolution: Arc<Resolution>,
-    authority: Arc<str>,
-    routed: bool,
+    destined: Destined,
 }
 
 /// Where a request is going, as one snapshot says.
+#[derive(Clone)]
 struct Destined {
-    snapshot: Arc<Snapshot>,
     resolution: Arc<Resolution>,
     /// `name.ns.svc.<domain>:port`: the metrics label and the balancer's key.
     authority: Arc<str>,
@@ -240,7 +238,8 @@ impl RequestResolver {
         Self { destination, last: std::sync::Mutex::new(None) }
     }
 
-    fn resolve(&self, proxy: &Proxy, request: &RequestInfo<'_>) -> Result<Destined, Error> {
+    /// The snapshot it resolved against, and the destination.
+    fn resolve(&self, proxy: &Proxy, request: &RequestInfo<'_>) -> Result<(Arc<Snapshot>, Destined), Error> {
         let snapshot = proxy.snapshots.borrow().clone();
         // Only transparent connections are routed by host: an explicit listener names its service.
         let host = match self.destination {
@@ -252,12 +251,7 @@ impl RequestResolver {
             && std::ptr::eq(seen.snapshot.as_ptr(), Arc::as_ptr(&snapshot))
             && seen.host.as_deref() == host
         {
-            return Ok(Destined {
-                resolution: Arc::clone(&seen.resolution),
-                authority: Arc::clone(&seen.authority),
-                routed: seen.routed,
-                snapshot,
-            });
+            return Ok((snapshot, seen.destined.clone()));
         }
         let mut resolution = resolve_in(proxy, &snapshot, &self.destination)?;
         if matches!(resolution, Resolution::Passthrough(_))
@@ -271,15 +265,13 @@ impl RequestResolver {
             }
             Resolution::Passthrough(_) => ("unknown".into(), false),
         };
-        let resolution = Arc::new(resolution);
+        let destined = Destined { resolution: Arc::new(resolution), authority, routed };
         *last = Some(Remembered {
             snapshot: Arc::downgrade(&snapshot),
             host: host.map(str::to_owned),
-            resolution: Arc::clone(&resolution),
-            authority: Arc::clone(&authority),
-            routed,
+            destined: destined.clone(),
         });
-        Ok(Destined { snapshot, resolution, authority, routed })
+        Ok((snapshot, destined))
     }
 
     /// The mesh service a Host header names, on its port (else the original port); `None` for
@@ -304,11 +296,11 @@ impl RequestResolver {
 /// The destination of one HTTP request attempt: the route (HTTPRoute, TrafficSplit) picks a
 /// backend service, the balancer an endpoint of it.
 fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -> Result<Routed, Refused> {
-    let destined = resolver.resolve(proxy, request).map_err(|error| Refused { error, authority: None })?;
+    let (snapshot, destined) = resolver.resolve(proxy, request).map_err(|error| Refused { error, authority: None })?;
     let authority = destined.authority;
     match &*destined.resolution {
         Resolution::Service { resolved, port } => {
-            let routes = destined.routed.then_some((&*destined.snapshot, request));
+            let routes = destined.routed.then_some((&*snapshot, request));
             route_to(proxy, resolved, *port, Arc::clone(&authority), routes)
                 .map_err(|error| Refused { error, authority: Some(authority.to_string()) })
         }
