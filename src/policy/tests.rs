@@ -220,6 +220,11 @@ fn routing_is_skipped_only_for_services_no_route_or_split_names() {
     assert!(!routes::any_for(&plain, "shop", "api-v2"), "a split's backend is not routed itself");
     assert!(!routes::any_for(&plain, "other", "api"), "nor the same name in another namespace");
     assert!(api(&plain), "a TrafficSplit names the service");
+    let default_for = |s: &Snapshot, namespace: &str, service: &str| {
+        routes::choose(s, namespace, service, 80, &request("GET", "/", &none), |_, _| true).by
+    };
+    assert_eq!(default_for(&plain, "shop", "api-v2"), "default");
+    assert_eq!(default_for(&plain, "other", "api"), "default");
     assert!(api(&snapshot(vec![route("r", vec![rule(vec![], &[("api-v2", 1)])])])), "an HTTPRoute attaches to it");
     let mut other_port = route("r", vec![rule(vec![], &[("api-v2", 1)])]);
     if let Object::HttpRoute(r) = &mut other_port {

@@ -223,3 +223,50 @@ async fn repeated_contact_does_not_write_the_disk_each_time() {
     tokio::time::timeout(Duration::from_secs(10), signal.drain()).await.expect("writer drains");
     writer.await.expect("writer task");
 }
+
+#[tokio::test]
+async fn a_source_s_contact_keeps_the_index_and_a_changed_service_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened = open(dir.path(), Duration::from_secs(3600)).expect("open store");
+    let (signal, watch) = drain::channel();
+    let writer = tokio::spawn(opened.writer.run(watch));
+    let east = link("east");
+    let mut snapshots = opened.snapshots.clone();
+    let mut publish = async |update: Update| {
+        snapshots.borrow_and_update();
+        opened.updates.send(update).await.expect("send");
+        tokio::time::timeout(Duration::from_secs(10), snapshots.changed()).await.expect("published").expect("writer");
+        snapshots.borrow_and_update().clone()
+    };
+    let services = |objects| Update::Replace {
+        source: east.clone(),
+        kind: Kind::Service,
+        objects,
+        resource_version: None,
+        namespace: None,
+        complete: true,
+    };
+    let ip = |ip: &str| ip.parse().expect("ip");
+    let listed = publish(services(vec![service("shop", "api", "10.0.0.1")])).await;
+    let index: *const SourceIndex = listed.source(&east).expect("east").index();
+
+    let contacted = publish(Update::Contact { source: east.clone() }).await;
+    assert!(contacted.generation() > listed.generation());
+    assert!(std::ptr::eq(contacted.source(&east).expect("east").index(), index), "contact keeps the index");
+    let failed = publish(Update::Failed { source: east.clone(), message: "gone".into() }).await;
+    assert!(std::ptr::eq(failed.source(&east).expect("east").index(), index), "so does a failure");
+
+    let applied = publish(Update::Apply {
+        source: east.clone(),
+        object: service("shop", "web", "10.0.0.2"),
+        resource_version: None,
+    })
+    .await;
+    let rebuilt = applied.source(&east).expect("east").index();
+    assert!(!std::ptr::eq(rebuilt, index), "a new service drops the index");
+    assert_eq!(rebuilt.services_with_ip(ip("10.0.0.2")).count(), 1, "and the next one knows it");
+    assert_eq!(listed.source(&east).expect("east").index().services_with_ip(ip("10.0.0.2")).count(), 0);
+
+    tokio::time::timeout(Duration::from_secs(10), signal.drain()).await.expect("writer drains");
+    writer.await.expect("writer task");
+}
