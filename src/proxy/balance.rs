@@ -253,14 +253,14 @@ impl Balancer {
         let Some(e) = services.get_mut(service).and_then(|s| s.get_mut(&addr)) else { return };
         e.pending = e.pending.saturating_sub(1);
         let rtt = rtt.as_secs_f64();
-        let estimate = e.decayed(&self.settings, now);
-        if rtt > estimate {
-            e.ewma = rtt; // peak: slowness shows at once
+        // The weight the estimate decays by is also the weight it keeps against the new sample.
+        let w = e.decay_weight(&self.settings, now);
+        let estimate = e.ewma * w;
+        e.ewma = if rtt > estimate {
+            rtt // peak: slowness shows at once
         } else {
-            let elapsed = now.duration_since(e.updated).as_secs_f64();
-            let w = (-elapsed / self.settings.decay).exp();
-            e.ewma = estimate * w + rtt * (1.0 - w);
-        }
+            estimate * w + rtt * (1.0 - w)
+        };
         e.updated = now;
         match outcome {
             Outcome::Success => {
@@ -364,8 +364,13 @@ impl Endpoint {
     }
 
     fn decayed(&self, settings: &Settings, now: Instant) -> f64 {
+        self.ewma * self.decay_weight(settings, now)
+    }
+
+    /// How much of the estimate is left after the time since the last observation.
+    fn decay_weight(&self, settings: &Settings, now: Instant) -> f64 {
         let elapsed = now.duration_since(self.updated).as_secs_f64();
-        self.ewma * (-elapsed / settings.decay).exp()
+        (-elapsed / settings.decay).exp()
     }
 }
 

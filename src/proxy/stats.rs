@@ -56,15 +56,30 @@ struct Window {
     last_seen: u64,
 }
 
+/// One response, as a window counts it: placed once, recorded for its service and its route.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    epoch: u64,
+    failure: bool,
+    /// Index of the latency's bucket in `Slot::buckets`.
+    bucket: usize,
+}
+
+impl Sample {
+    fn new(epoch: u64, failure: bool, latency_ms: f64) -> Self {
+        let bucket = BOUNDS_MS.iter().position(|b| latency_ms <= *b).unwrap_or(BOUNDS_MS.len());
+        Self { epoch, failure, bucket }
+    }
+}
+
 impl Window {
-    fn record(&mut self, epoch: u64, failure: bool, latency_ms: f64) {
+    fn record(&mut self, Sample { epoch, failure, bucket }: Sample) {
         let slot = &mut self.slots[(epoch % SLOTS as u64) as usize];
         if slot.epoch != epoch {
             *slot = Slot { epoch, ..Slot::default() };
         }
         slot.requests += 1;
         slot.failures += u64::from(failure);
-        let bucket = BOUNDS_MS.iter().position(|b| latency_ms <= *b).unwrap_or(BOUNDS_MS.len());
         slot.buckets[bucket] += 1;
         self.last_seen = epoch;
     }
@@ -131,10 +146,9 @@ impl Lookup<'_> {
 
 /// Records into `map`, which keeps at most `MAX_ROUTES` keys: the least recently seen one
 /// makes room (inbound authorities come from peers, so no map may grow without bound).
-fn record_bounded(map: &Mutex<HashMap<Key, Window>>, key: Lookup<'_>, epoch: u64, failure: bool, ms: f64) {
-    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+fn record_bounded(map: &mut HashMap<Key, Window>, key: Lookup<'_>, sample: Sample) {
     if let Some(window) = map.get_mut(&key) {
-        window.record(epoch, failure, ms);
+        window.record(sample);
         return;
     }
     if map.len() >= MAX_ROUTES
@@ -142,20 +156,26 @@ fn record_bounded(map: &Mutex<HashMap<Key, Window>>, key: Lookup<'_>, epoch: u64
     {
         map.remove(&oldest);
     }
-    map.entry(key.to_key()).or_default().record(epoch, failure, ms);
+    map.entry(key.to_key()).or_default().record(sample);
 }
 
 /// The sliding windows of every service and route.
 #[derive(Debug)]
 pub struct Golden {
     start: Instant,
-    services: Mutex<HashMap<Key, Window>>,
-    routes: Mutex<HashMap<Key, Window>>,
+    /// Under one lock: a response is recorded in both.
+    windows: Mutex<Windows>,
+}
+
+#[derive(Debug, Default)]
+struct Windows {
+    services: HashMap<Key, Window>,
+    routes: HashMap<Key, Window>,
 }
 
 impl Default for Golden {
     fn default() -> Self {
-        Self { start: Instant::now(), services: Mutex::default(), routes: Mutex::default() }
+        Self { start: Instant::now(), windows: Mutex::default() }
     }
 }
 
@@ -175,28 +195,28 @@ impl Golden {
         latency: Duration,
         now: Instant,
     ) {
-        let epoch = self.epoch(now);
-        let ms = latency.as_secs_f64() * 1000.0;
-        record_bounded(&self.services, Lookup(direction, authority, None), epoch, failure, ms);
+        let sample = Sample::new(self.epoch(now), failure, latency.as_secs_f64() * 1000.0);
         let path = path.split('?').next().unwrap_or("/");
         let path = match path.char_indices().nth(MAX_PATH) {
             Some((cut, _)) => &path[..cut],
             None => path,
         };
-        record_bounded(&self.routes, Lookup(direction, authority, Some((method, path))), epoch, failure, ms);
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        record_bounded(&mut windows.services, Lookup(direction, authority, None), sample);
+        record_bounded(&mut windows.routes, Lookup(direction, authority, Some((method, path))), sample);
     }
 
     /// Per-service rows, busiest first.
     pub fn services(&self) -> Vec<Row> {
-        self.rows(&self.services)
+        self.rows(|windows| &windows.services)
     }
 
     /// Per-route rows, busiest first.
     pub fn routes(&self) -> Vec<Row> {
-        self.rows(&self.routes)
+        self.rows(|windows| &windows.routes)
     }
 
-    fn rows(&self, map: &Mutex<HashMap<Key, Window>>) -> Vec<Row> {
+    fn rows(&self, which: impl Fn(&Windows) -> &HashMap<Key, Window>) -> Vec<Row> {
         let epoch = self.epoch(Instant::now());
         // The current slot is partly filled: the window covers the full slots before it and
         // the elapsed part of this one.
@@ -204,8 +224,8 @@ impl Golden {
         let into_slot = elapsed.as_secs_f64() - (epoch * SLOT.as_secs()) as f64;
         let covered = ((SLOTS as u64 - 1) * SLOT.as_secs()) as f64 + into_slot;
         let covered = covered.min(elapsed.as_secs_f64()).max(1.0);
-        let map = map.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rows: Vec<Row> = map
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<Row> = which(&windows)
             .iter()
             .filter_map(|((direction, authority, route), window)| {
                 let total = window.totals(epoch);
@@ -257,8 +277,8 @@ mod tests {
     #[test]
     fn old_slots_leave_the_window_and_routes_are_bounded() {
         let mut window = Window::default();
-        window.record(0, false, 1.0);
-        window.record(3, true, 1.0);
+        window.record(Sample::new(0, false, 1.0));
+        window.record(Sample::new(3, true, 1.0));
         assert_eq!(window.totals(5).requests, 2);
         assert_eq!(window.totals(6).requests, 1, "epoch 0 is a minute old at epoch 6");
         assert_eq!(window.totals(9).requests, 0);
