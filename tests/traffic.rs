@@ -456,6 +456,37 @@ fn traffic_targets_authorize_by_identity_and_changes_apply_live() {
     assert!(metrics.contains("inbound_tcp_authz_deny_total{target_port="), "{metrics}");
 }
 
+/// Under the default policy box B keeps a peer connection's verdict for its next requests; a
+/// TrafficTarget that appears must still apply to them at once (the requests of several curls
+/// share box A's one connection to B).
+#[test]
+fn a_verdict_kept_for_a_peer_connection_gives_way_to_a_new_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_dir = dir.path().join("b-policy");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    let b_extra =
+        format!("[upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n", policy_dir.display().to_string());
+    let boxes =
+        two_boxes_custom(http_backend(), &Setup { b_extra: &b_extra, a_service_account: "other", ..Setup::default() });
+    let url = |path: &str| format!("http://{}{path}", boxes.listener);
+    for _ in 0..3 {
+        let allowed = curl(&["--http1.1", &url("/allowed/1")]);
+        assert!(allowed.starts_with("HTTP/1.1 200"), "no TrafficTarget: the default policy lets `other` in\n{allowed}");
+    }
+    let (_, metrics) = boxes.b.get("/metrics");
+    let allowed_by_default = metrics
+        .lines()
+        .find(|l| l.starts_with("inbound_http_authz_allow_total{") && l.contains("authz=\"default:"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!(allowed_by_default, Some(3), "each request is counted, kept verdict or not\n{metrics}");
+
+    // A policy that lists only `web`: `other`'s next request on the same connection is denied.
+    policy(&policy_dir, &["web"]);
+    boxes.b.wait_for("the new policy denies other", Duration::from_secs(30), |_| {
+        curl(&["--http1.1", &url("/allowed/1")]).starts_with("HTTP/1.1 403")
+    });
+}
+
 #[test]
 fn an_http_route_chooses_by_header_and_its_timeout_answers_504() {
     let ips = [[127, 0, 0, 2], [127, 0, 0, 3]];

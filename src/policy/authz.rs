@@ -41,6 +41,10 @@ pub struct Verdict {
     pub by: String,
     /// Why a denial (or, under audit, a would-be denial) happened.
     pub reason: Option<String>,
+    /// The request was looked at (a TrafficTarget's rules decided): under the same snapshot,
+    /// another request from the same client to the same port may get another verdict. When
+    /// false, every such request gets this one.
+    pub per_request: bool,
 }
 
 /// Decides whether `client` (a mesh identity name, or `None` for plaintext) may reach
@@ -78,15 +82,16 @@ pub fn authorize(
                 allowed: true,
                 by: format!("TrafficTarget {}/{}", target.meta.namespace, target.meta.name),
                 reason: None,
+                per_request: true,
             };
         }
     }
     let names: Vec<String> = targets.iter().map(|t| format!("{}/{}", t.meta.namespace, t.meta.name)).collect();
-    deny("TrafficTarget", format!("{client} is not allowed by {}", names.join(", ")))
+    Verdict { per_request: true, ..deny("TrafficTarget", format!("{client} is not allowed by {}", names.join(", "))) }
 }
 
 fn deny(by: &str, reason: String) -> Verdict {
-    Verdict { allowed: false, by: by.to_owned(), reason: Some(reason) }
+    Verdict { allowed: false, by: by.to_owned(), reason: Some(reason), per_request: false }
 }
 
 fn by_default(default: DefaultPolicy, client: Option<&str>) -> Verdict {
@@ -105,7 +110,7 @@ fn by_default(default: DefaultPolicy, client: Option<&str>) -> Verdict {
         (DefaultPolicy::Deny, _) => (false, Some("no TrafficTarget allows it and the default is deny".to_owned())),
         (DefaultPolicy::Audit, _) => (true, Some("no TrafficTarget allows it (audit: let through)".to_owned())),
     };
-    Verdict { allowed, by, reason }
+    Verdict { allowed, by, reason, per_request: false }
 }
 
 /// A TrafficTarget selects the destination's service account, on its port if it names one.

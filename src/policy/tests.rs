@@ -325,6 +325,10 @@ fn traffic_targets_allow_listed_identities_for_their_routes() {
             assert!(verdict.reason.is_some(), "{what}: a denial says why");
         }
     }
+    // The rules looked at the request: its verdict holds for it alone. Without an identity
+    // they were never reached.
+    assert!(check(Some(&web), Some(request("GET", "/products/1", &headers)), 80).per_request);
+    assert!(!check(None, Some(request("GET", "/products/1", &headers)), 80).per_request);
 }
 
 #[test]
@@ -343,6 +347,7 @@ fn the_default_policy_applies_when_no_traffic_target_selects_the_workload() {
         let verdict = authz::authorize(&s, &settings(), dest, client, None, policy);
         assert_eq!(verdict.allowed, allowed, "{policy:?} {client:?}");
         assert!(verdict.by.starts_with("default:"), "{verdict:?}");
+        assert!(!verdict.per_request, "the default policy holds for every request: {verdict:?}");
     }
     let audit = authz::authorize(&s, &settings(), dest, None, None, DefaultPolicy::Audit);
     assert!(audit.reason.is_some(), "audit records what it would have denied");

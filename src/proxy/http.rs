@@ -794,6 +794,8 @@ pub struct InboundPeer {
     pub authority: String,
     /// The peer's mesh identity, proven by its certificate.
     pub identity: Option<String>,
+    /// The connection's last verdict that holds for all of its requests.
+    pub admission: super::inbound::Admission,
 }
 
 /// Whether a request carries either marker. They are mostly absent (HTTP/1.1 to the port the
@@ -849,17 +851,12 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
         headers: request.headers(),
         host: request.uri().authority().map(|a| a.as_str()),
     };
-    let verdict = super::inbound::authorize(proxy, port, peer.identity.as_deref(), Some(&info));
-    let authz_labels = super::metrics::AuthzLabels { target_port: port, authz: verdict.by.clone() };
-    if !verdict.allowed {
-        proxy.authz.http_deny.get_or_create(&authz_labels).inc();
-        let reason = verdict.reason.unwrap_or_else(|| "denied".into());
+    if let Err(reason) = peer.admission.check(proxy, port, peer.identity.as_deref(), &info) {
         let response = empty_with(StatusCode::FORBIDDEN, &format!("forbidden: {reason}"));
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
         metrics.record((&method, &path), response.status(), started, Instant::now());
         return response;
     }
-    proxy.authz.http_allow.get_or_create(&authz_labels).inc();
     let (mut parts, body) = request.into_parts();
     let path = path_of(&parts.uri);
     let method = parts.method.clone();

@@ -2,7 +2,9 @@
 //! the local port; plaintext (redirected) connections are accepted or refused by policy.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+
+use prometheus_client::metrics::counter::Counter;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -17,6 +19,7 @@ use crate::drain;
 use crate::identity::tls::peer_identity;
 use crate::policy::RequestInfo;
 use crate::policy::authz::{self, Destination, Verdict};
+use crate::store::Snapshot;
 
 /// Accepts until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, drain: drain::Watch) {
@@ -66,7 +69,12 @@ async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -
         let session = Counted::new(session, open.read_counter(), open.write_counter());
         let authority = header.authority.clone().unwrap_or_else(|| header.target_port.to_string());
         tracing::debug!(%authority, "inbound: HTTP/2 from a peer");
-        let peer = super::http::InboundPeer { default_port: header.target_port, authority, identity: client_identity };
+        let peer = super::http::InboundPeer {
+            default_port: header.target_port,
+            authority,
+            identity: client_identity,
+            admission: Admission::default(),
+        };
         return super::http::serve_inbound(Arc::clone(&proxy), session, peer, drain).await;
     }
     authorize_connection(&proxy, header.target_port, client_identity.as_deref())?;
@@ -103,7 +111,7 @@ async fn plaintext(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
 
 /// Authorizes an opaque connection to a local port; a denial closes it.
 fn authorize_connection(proxy: &Proxy, port: u16, client: Option<&str>) -> Result<(), Error> {
-    let verdict = authorize(proxy, port, client, None);
+    let verdict = authorize(proxy, &proxy.snapshots.borrow().clone(), port, client, None);
     let labels = AuthzLabels { target_port: port, authz: verdict.by.clone() };
     if verdict.allowed {
         proxy.authz.tcp_allow.get_or_create(&labels).inc();
@@ -116,14 +124,74 @@ fn authorize_connection(proxy: &Proxy, port: u16, client: Option<&str>) -> Resul
 }
 
 /// The authorization decision for the workload this box serves.
-pub(super) fn authorize(proxy: &Proxy, port: u16, client: Option<&str>, request: Option<&RequestInfo<'_>>) -> Verdict {
-    let snapshot = proxy.snapshots.borrow().clone();
+fn authorize(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    port: u16,
+    client: Option<&str>,
+    request: Option<&RequestInfo<'_>>,
+) -> Verdict {
     let (namespace, service_account) = &proxy.local_workload;
     let destination = Destination { namespace, service_account, port };
-    let verdict = authz::authorize(&snapshot, &proxy.settings, destination, client, request, proxy.policy.default);
+    let verdict = authz::authorize(snapshot, &proxy.settings, destination, client, request, proxy.policy.default);
     if let (true, Some(reason)) = (verdict.allowed, &verdict.reason) {
         // Audit: let through, but say what a stricter policy would have refused.
         tracing::info!(port, client = client.unwrap_or("(no identity)"), %reason, "inbound: audit");
     }
     verdict
+}
+
+/// The HTTP requests of one peer connection come from one client identity. Under the default
+/// policy (no TrafficTarget selects the workload) they all get the same verdict, so the last
+/// one that no request decided is kept, with its counter, while the snapshot and the port stay
+/// the same.
+#[derive(Debug, Default)]
+pub struct Admission {
+    last: Mutex<Option<Admitted>>,
+}
+
+#[derive(Debug)]
+struct Admitted {
+    /// Weak, so an idle connection does not keep an old snapshot alive; never dangling, so no
+    /// later snapshot can take its address.
+    snapshot: Weak<Snapshot>,
+    port: u16,
+    allowed: Counter,
+}
+
+impl Admission {
+    /// Authorizes one request from `client` to the local `port`, and counts the verdict: the
+    /// reason for a denial.
+    pub(super) fn check(
+        &self,
+        proxy: &Proxy,
+        port: u16,
+        client: Option<&str>,
+        request: &RequestInfo<'_>,
+    ) -> Result<(), String> {
+        let snapshot = proxy.snapshots.borrow().clone();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(seen) = last.as_ref()
+            && std::ptr::eq(seen.snapshot.as_ptr(), Arc::as_ptr(&snapshot))
+            && seen.port == port
+        {
+            seen.allowed.inc();
+            return Ok(());
+        }
+        let verdict = authorize(proxy, &snapshot, port, client, Some(request));
+        let labels = AuthzLabels { target_port: port, authz: verdict.by };
+        if !verdict.allowed {
+            proxy.authz.http_deny.get_or_create(&labels).inc();
+            return Err(verdict.reason.unwrap_or_else(|| "denied".into()));
+        }
+        let allowed = proxy.authz.http_allow.get_or_create(&labels).clone();
+        allowed.inc();
+        // An audited request is logged each time; a verdict the request decided holds for it alone.
+        *last = (!verdict.per_request && verdict.reason.is_none()).then(|| Admitted {
+            snapshot: Arc::downgrade(&snapshot),
+            port,
+            allowed,
+        });
+        Ok(())
+    }
 }
