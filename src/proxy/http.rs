@@ -203,26 +203,27 @@ impl HttpMetrics {
 
     /// Counts a request for `authority`; its response is recorded on what this returns.
     fn request(&self, direction: &'static str, authority: &str, tls: &'static str) -> Arc<ServiceMetrics> {
-        let service = {
-            let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match services.get(&LabelsRef(direction, authority, tls)) {
-                Some(service) => Arc::clone(service),
-                None => {
-                    let labels = RequestLabels { direction, authority: authority.to_owned(), tls };
-                    let service = Arc::new(ServiceMetrics {
-                        requests: self.requests.get_or_create(&labels).clone(),
-                        latency: self.latency.get_or_create(&labels).clone(),
-                        labels: labels.clone(),
-                        responses: std::sync::Mutex::default(),
-                        family: self.responses.clone(),
-                        golden: Arc::clone(&self.golden),
-                    });
-                    services.insert(labels, Arc::clone(&service));
-                    service
-                }
-            }
-        };
+        let service = self.service(direction, authority, tls);
         service.requests.inc();
+        service
+    }
+
+    /// The metrics of `authority` in `direction`, made on first use.
+    pub fn service(&self, direction: &'static str, authority: &str, tls: &'static str) -> Arc<ServiceMetrics> {
+        let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(service) = services.get(&LabelsRef(direction, authority, tls)) {
+            return Arc::clone(service);
+        }
+        let labels = RequestLabels { direction, authority: authority.to_owned(), tls };
+        let service = Arc::new(ServiceMetrics {
+            requests: self.requests.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
+            labels: labels.clone(),
+            responses: std::sync::Mutex::default(),
+            family: self.responses.clone(),
+            golden: Arc::clone(&self.golden),
+        });
+        services.insert(labels, Arc::clone(&service));
         service
     }
 }
@@ -792,6 +793,8 @@ pub struct InboundPeer {
     /// The service the peer asked for (from the transport header): the metrics label, so a
     /// client's Host header cannot grow the metrics' cardinality.
     pub authority: String,
+    /// Its metrics, found at the first request.
+    pub metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
     /// The peer's mesh identity, proven by its certificate.
     pub identity: Option<String>,
     /// The connection's last verdict that holds for all of its requests.
@@ -833,7 +836,6 @@ pub(crate) fn take_markers(headers: &mut http::HeaderMap, default_port: u16) -> 
 
 async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &InboundPeer) -> Response<Body> {
     let started = Instant::now();
-    let label = peer.authority.as_str();
     let (port, version) = take_markers(request.headers_mut(), peer.default_port);
     // An HTTP/1 workload gets its Host header back from :authority (box A leaves it out when
     // they are the same), before authorization looks at the headers.
@@ -844,7 +846,8 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     {
         host.insert(value);
     }
-    let metrics = proxy.http.request("inbound", label, "true");
+    let metrics = peer.metrics.get_or_init(|| proxy.http.service("inbound", &peer.authority, "true"));
+    metrics.requests.inc();
     let info = RequestInfo {
         method: request.method().as_str(),
         path: request.uri().path(),

@@ -72,6 +72,7 @@ async fn mutual_tls(proxy: Arc<Proxy>, stream: TcpStream, drain: drain::Watch) -
         let peer = super::http::InboundPeer {
             default_port: header.target_port,
             authority,
+            metrics: std::sync::OnceLock::new(),
             identity: client_identity,
             admission: Admission::default(),
         };
