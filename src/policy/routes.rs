@@ -75,8 +75,23 @@ struct Specificity {
 /// does, [`choose`] sends every request to the service itself, so a caller may skip it.
 pub fn any_for(snapshot: &Snapshot, namespace: &str, service: &str) -> bool {
     let target = ObjectRef::new(namespace, service);
-    indexed(snapshot, Kind::HttpRoute, |index| index.routes_with_parent(&target)).next().is_some()
-        || indexed(snapshot, Kind::TrafficSplit, |index| index.splits_of(&target)).next().is_some()
+    routes_of(snapshot, &target).next().is_some() || splits_of(snapshot, &target).next().is_some()
+}
+
+/// The HTTPRoutes with `target` as a parent, on any port.
+fn routes_of<'s>(snapshot: &'s Snapshot, target: &'s ObjectRef) -> impl Iterator<Item = &'s HttpRoute> + 's {
+    indexed(snapshot, Kind::HttpRoute, |index| index.routes_with_parent(target)).filter_map(|o| match o {
+        Object::HttpRoute(r) => Some(r),
+        _ => None,
+    })
+}
+
+/// The TrafficSplits whose root service is `target`.
+fn splits_of<'s>(snapshot: &'s Snapshot, target: &'s ObjectRef) -> impl Iterator<Item = &'s TrafficSplit> + 's {
+    indexed(snapshot, Kind::TrafficSplit, |index| index.splits_of(target)).filter_map(|o| match o {
+        Object::TrafficSplit(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// Routes a request for `service` in `namespace` on `port`. `exists(namespace, service)` says
@@ -90,20 +105,12 @@ pub fn choose(
     exists: impl Fn(&str, &str) -> bool,
 ) -> Choice {
     let target = ObjectRef::new(namespace, service);
-    let routes: Vec<&HttpRoute> = indexed(snapshot, Kind::HttpRoute, |index| index.routes_with_parent(&target))
-        .filter_map(|o| match o {
-            Object::HttpRoute(r) if attaches(r, namespace, service, port) => Some(r),
-            _ => None,
-        })
-        .collect();
+    let routes: Vec<&HttpRoute> =
+        routes_of(snapshot, &target).filter(|r| attaches(r, namespace, service, port)).collect();
     if !routes.is_empty() {
         return from_http_routes(&routes, namespace, service, request, exists);
     }
-    let splits = indexed(snapshot, Kind::TrafficSplit, |index| index.splits_of(&target)).filter_map(|o| match o {
-        Object::TrafficSplit(s) => Some(s),
-        _ => None,
-    });
-    for split in splits {
+    for split in splits_of(snapshot, &target) {
         if split_applies(snapshot, split, request) {
             let backends: Vec<Backend> = split
                 .backends
