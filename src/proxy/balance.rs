@@ -119,6 +119,8 @@ pub struct InFlight {
     service: Arc<str>,
     addr: SocketAddr,
     started: Instant,
+    /// The one request let through to an ejected endpoint: its outcome decides.
+    probe: bool,
     done: bool,
 }
 
@@ -135,7 +137,8 @@ impl InFlight {
     /// Records the outcome, seen at `now` (a reading of the clock the caller has anyway).
     pub fn finish_at(mut self, outcome: Outcome, now: Instant) {
         self.done = true;
-        self.balancer.observe(&self.service, self.addr, now.saturating_duration_since(self.started), outcome, now);
+        let rtt = now.saturating_duration_since(self.started);
+        self.balancer.observe(&self.service, self.addr, rtt, outcome, self.probe, now);
     }
 }
 
@@ -143,7 +146,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.done {
             // Abandoned (the client went away): no outcome, just no longer in flight.
-            self.balancer.release(&self.service, self.addr);
+            self.balancer.release(&self.service, self.addr, self.probe);
         }
     }
 }
@@ -225,12 +228,11 @@ impl Balancer {
             }
         };
         let endpoint = endpoints.get_mut(&chosen)?;
-        if endpoint.ejected_until.is_some() {
-            endpoint.probing = true;
-        }
+        let probe = endpoint.ejected_until.is_some();
+        endpoint.probing |= probe;
         endpoint.pending += 1;
         endpoint.requests += 1;
-        Some(InFlight { balancer: Arc::clone(self), service, addr: chosen, started: now, done: false })
+        Some(InFlight { balancer: Arc::clone(self), service, addr: chosen, started: now, probe, done: false })
     }
 
     /// Whether the endpoint could be picked now (not ejected, or due for its probe).
@@ -239,47 +241,47 @@ impl Balancer {
         services.get(service).and_then(|s| s.get(&addr)).is_none_or(|e| e.available(Instant::now()))
     }
 
-    fn release(&self, service: &str, addr: SocketAddr) {
+    fn release(&self, service: &str, addr: SocketAddr, probe: bool) {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = services.get_mut(service).and_then(|s| s.get_mut(&addr)) {
             e.pending = e.pending.saturating_sub(1);
-            e.probing = false;
+            // An abandoned probe decided nothing: the next request probes again.
+            e.probing &= !probe;
         }
     }
 
-    /// Records an outcome seen at `now`, `rtt` after the pick.
-    fn observe(&self, service: &str, addr: SocketAddr, rtt: Duration, outcome: Outcome, now: Instant) {
+    /// Records an outcome seen at `now`, `rtt` after the pick. While an endpoint is ejected,
+    /// only its probe's failure ejects it again (for longer): requests picked before the
+    /// ejection, failing together (a connection that broke under them all), count as failures
+    /// but do not stretch it.
+    fn observe(&self, service: &str, addr: SocketAddr, rtt: Duration, outcome: Outcome, probe: bool, now: Instant) {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         let Some(e) = services.get_mut(service).and_then(|s| s.get_mut(&addr)) else { return };
         e.pending = e.pending.saturating_sub(1);
+        e.probing &= !probe;
         let rtt = rtt.as_secs_f64();
-        // The weight the estimate decays by is also the weight it keeps against the new sample.
+        // Peak: slowness shows at once. Otherwise the sample weighs by the time since the last
+        // one (the estimate keeps `w`, the share the decay leaves of it).
         let w = e.decay_weight(&self.settings, now);
-        let estimate = e.ewma * w;
-        e.ewma = if rtt > estimate {
-            rtt // peak: slowness shows at once
-        } else {
-            estimate * w + rtt * (1.0 - w)
-        };
+        e.ewma = if rtt > e.ewma { rtt } else { e.ewma * w + rtt * (1.0 - w) };
         e.updated = now;
         match outcome {
             Outcome::Success => {
                 e.consecutive_failures = 0;
-                if e.probing || e.ejected_until.is_some() {
-                    e.ejections = 0;
-                    e.ejected_until = None;
-                }
-                e.probing = false;
+                e.ejections = 0;
+                e.ejected_until = None;
             }
             Outcome::Failure => {
                 e.failures += 1;
+                if e.ejected_until.is_some() && !probe {
+                    return;
+                }
                 e.consecutive_failures += 1;
-                if e.probing || e.consecutive_failures >= self.settings.failure_accrual {
+                if probe || e.consecutive_failures >= self.settings.failure_accrual {
                     let backoff = self.backoff(e.ejections, unit_random());
                     e.ejected_until = Some(now + backoff);
                     e.ejections = e.ejections.saturating_add(1);
                     e.consecutive_failures = 0;
-                    e.probing = false;
                     tracing::info!(%service, %addr, backoff_ms = backoff.as_millis() as u64, "balancer: endpoint ejected after failures");
                 }
             }

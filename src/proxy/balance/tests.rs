@@ -58,6 +58,21 @@ fn two_choices_favour_the_faster_endpoint() {
 }
 
 #[test]
+fn a_slower_sample_is_taken_whole_and_a_faster_one_weighs_by_the_time_since_the_last() {
+    let balancer = balancer();
+    let only = [candidate(1, "n", "z")];
+    drop(balancer.pick("svc", &only, None, 1));
+    let ewma_ms = || balancer.report("svc")[0].ewma_ms;
+    let (start, decay) = (Instant::now(), TrafficConfig::default().ewma_decay.get());
+    balancer.observe("svc", only[0].addr, Duration::from_millis(100), Outcome::Success, false, start);
+    assert_eq!(ewma_ms(), 100.0, "a peak replaces the estimate");
+    // One decay time later the old estimate keeps e^-1 of its weight: 100 e^-1 + 20 (1 - e^-1).
+    balancer.observe("svc", only[0].addr, Duration::from_millis(20), Outcome::Success, false, start + decay);
+    let expected = 100.0 * (-1f64).exp() + 20.0 * (1.0 - (-1f64).exp());
+    assert!((ewma_ms() - expected).abs() < 1e-6, "{} against {expected}", ewma_ms());
+}
+
+#[test]
 fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
     let mut config = TrafficConfig::default();
     config.ejection_backoff_min = crate::config::Duration::from_millis(50);
@@ -79,6 +94,34 @@ fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
     std::thread::sleep(Duration::from_millis(130)); // the backoff doubled to 100 ms
     balancer.pick("svc", &only, None, 1).expect("probe").finish(Outcome::Success);
     assert_eq!(balancer.report("svc")[0].state, "active", "a successful probe restores it");
+}
+
+#[test]
+fn failures_of_requests_picked_before_an_ejection_do_not_stretch_it() {
+    let mut config = TrafficConfig::default();
+    config.ejection_backoff_min = crate::config::Duration::from_millis(50);
+    config.ejection_jitter = crate::config::Ratio(0.0);
+    let balancer = Arc::new(Balancer::new(&config));
+    let only = [candidate(1, "n", "z")];
+    let ejected_ms = || {
+        let report = &balancer.report("svc")[0];
+        report.state.strip_prefix("ejected for ").and_then(|s| s.strip_suffix("ms")?.parse::<u64>().ok())
+    };
+    // Thirty requests in flight; the connection under them breaks, and they all fail.
+    let in_flight: Vec<InFlight> = (0..30).map(|_| balancer.pick("svc", &only, None, 1).unwrap()).collect();
+    for request in in_flight {
+        request.finish(Outcome::Failure);
+    }
+    assert_eq!(balancer.report("svc")[0].failures, 30, "every failure is counted");
+    let first = ejected_ms().expect("seven failures in a row eject it");
+    assert!(first <= 50, "one ejection, at the shortest backoff: {first} ms");
+    // Its probe fails: ejected again, for twice as long.
+    std::thread::sleep(Duration::from_millis(60));
+    let probe = balancer.pick("svc", &only, None, 1).expect("the probe");
+    assert!(balancer.pick("svc", &only, None, 1).is_none(), "one probe at a time");
+    probe.finish(Outcome::Failure);
+    let second = ejected_ms().expect("the failed probe ejects it again");
+    assert!((51..=100).contains(&second), "the backoff doubled: {second} ms");
 }
 
 #[test]
