@@ -54,6 +54,8 @@ pub const ORIGINAL_VERSION_HEADER: HeaderName = HeaderName::from_static("meshkee
 pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Response header saying why the proxy answered itself.
 pub const ERROR_HEADER: &str = "meshkeep-error";
+/// Streams a peer may reset before box B has accepted them, before it ends the connection.
+const PEER_RESETS_PENDING: usize = 1024;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -208,8 +210,9 @@ impl HttpMetrics {
         service
     }
 
-    /// The metrics of `authority` in `direction`, made on first use.
-    pub fn service(&self, direction: &'static str, authority: &str, tls: &'static str) -> Arc<ServiceMetrics> {
+    /// The metrics of `authority` in `direction`, made on first use. They are never dropped:
+    /// a caller may keep them.
+    fn service(&self, direction: &'static str, authority: &str, tls: &'static str) -> Arc<ServiceMetrics> {
         let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(service) = services.get(&LabelsRef(direction, authority, tls)) {
             return Arc::clone(service);
@@ -778,9 +781,15 @@ where
         // size costs more to move into place (several copies) than to allocate.
         Box::pin(async move { Ok::<_, Infallible>(inbound_request(&proxy, request, &peer).await) })
     });
+    // A peer cancels the requests its clients gave up on, and a client that goes away with
+    // hundreds in flight makes it cancel them at once. h2's guard against rapid resets (20
+    // reset streams waiting to be accepted) would take that for an attack and end the
+    // connection under every other client's requests; a peer is authenticated, and the
+    // queue stays bounded.
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(PEER_RESETS_PENDING)
         .serve_connection(TokioIo::new(session), service);
     drive(connection, |c| c.graceful_shutdown(), activity, idle, None, drain).await
 }
@@ -797,7 +806,8 @@ pub struct InboundPeer {
     pub metrics: std::sync::OnceLock<Arc<ServiceMetrics>>,
     /// The peer's mesh identity, proven by its certificate.
     pub identity: Option<String>,
-    /// The connection's last verdict that holds for all of its requests.
+    /// The connection's last verdict that holds for all of its requests to one port, while
+    /// the snapshot it came from is current.
     pub admission: super::inbound::Admission,
 }
 
