@@ -420,13 +420,17 @@ fn policy(dir: &Path, sources: &[&str]) {
     .unwrap();
 }
 
+/// Box B's configuration for reading its policy from `dir`, as often as the tests' boxes do.
+fn policy_source(dir: &Path) -> String {
+    format!("[upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n", dir.display().to_string())
+}
+
 #[test]
 fn traffic_targets_authorize_by_identity_and_changes_apply_live() {
     let dir = tempfile::tempdir().unwrap();
     let policy_dir = dir.path().join("b-policy");
     policy(&policy_dir, &["web"]);
-    let b_extra =
-        format!("[upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n", policy_dir.display().to_string());
+    let b_extra = policy_source(&policy_dir);
     // Box A runs as `other`, whom the policy does not list.
     let boxes =
         two_boxes_custom(http_backend(), &Setup { b_extra: &b_extra, a_service_account: "other", ..Setup::default() });
@@ -464,21 +468,29 @@ fn a_verdict_kept_for_a_peer_connection_gives_way_to_a_new_policy() {
     let dir = tempfile::tempdir().unwrap();
     let policy_dir = dir.path().join("b-policy");
     std::fs::create_dir_all(&policy_dir).unwrap();
-    let b_extra =
-        format!("[upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n", policy_dir.display().to_string());
+    let b_extra = policy_source(&policy_dir);
     let boxes =
         two_boxes_custom(http_backend(), &Setup { b_extra: &b_extra, a_service_account: "other", ..Setup::default() });
     let url = |path: &str| format!("http://{}{path}", boxes.listener);
+    // Until box B has read its (empty) folder, its TrafficTargets are unknown and it denies.
+    boxes.b.wait_for("no TrafficTarget: the default policy lets `other` in", Duration::from_secs(30), |_| {
+        curl(&["--http1.1", &url("/allowed/1")]).starts_with("HTTP/1.1 200")
+    });
+    let allowed_by_default = || {
+        let (_, metrics) = boxes.b.get("/metrics");
+        metrics
+            .lines()
+            .find(|l| l.starts_with("inbound_http_authz_allow_total{") && l.contains("authz=\"default:"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    let before = allowed_by_default().unwrap_or(0);
     for _ in 0..3 {
         let allowed = curl(&["--http1.1", &url("/allowed/1")]);
-        assert!(allowed.starts_with("HTTP/1.1 200"), "no TrafficTarget: the default policy lets `other` in\n{allowed}");
+        assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
     }
-    let (_, metrics) = boxes.b.get("/metrics");
-    let allowed_by_default = metrics
-        .lines()
-        .find(|l| l.starts_with("inbound_http_authz_allow_total{") && l.contains("authz=\"default:"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
-    assert_eq!(allowed_by_default, Some(3), "each request is counted, kept verdict or not\n{metrics}");
+    assert_eq!(allowed_by_default(), Some(before + 3), "each request is counted, kept verdict or not");
+    let inbound = metric(&boxes.b, "tcp_open_total{direction=\"inbound\"");
+    assert_eq!(inbound, 1.0, "the requests of every curl share box A's one connection to box B");
 
     // A policy that lists only `web`: `other`'s next request on the same connection is denied.
     policy(&policy_dir, &["web"]);

@@ -41,9 +41,9 @@ pub struct Verdict {
     pub by: String,
     /// Why a denial (or, under audit, a would-be denial) happened.
     pub reason: Option<String>,
-    /// The request was looked at (a TrafficTarget's rules decided): under the same snapshot,
-    /// another request from the same client to the same port may get another verdict. When
-    /// false, every such request gets this one.
+    /// A TrafficTarget's rules decided, and they may look at the request (HTTPRouteGroup
+    /// matches): under the same snapshot, another request from the same client to the same
+    /// port may get another verdict. When false, every such request gets this one.
     pub per_request: bool,
 }
 

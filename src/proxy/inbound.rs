@@ -111,7 +111,8 @@ async fn plaintext(proxy: &Proxy, stream: TcpStream) -> Result<(), Error> {
 
 /// Authorizes an opaque connection to a local port; a denial closes it.
 fn authorize_connection(proxy: &Proxy, port: u16, client: Option<&str>) -> Result<(), Error> {
-    let verdict = authorize(proxy, &proxy.snapshots.borrow().clone(), port, client, None);
+    let snapshot = proxy.snapshots.borrow().clone();
+    let verdict = authorize(proxy, &snapshot, port, client, None);
     let labels = AuthzLabels { target_port: port, authz: verdict.by.clone() };
     if verdict.allowed {
         proxy.authz.tcp_allow.get_or_create(&labels).inc();
@@ -170,14 +171,14 @@ impl Admission {
         request: &RequestInfo<'_>,
     ) -> Result<(), String> {
         let snapshot = proxy.snapshots.borrow().clone();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(seen) = last.as_ref()
+        if let Some(seen) = self.last.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
             && std::ptr::eq(seen.snapshot.as_ptr(), Arc::as_ptr(&snapshot))
             && seen.port == port
         {
             seen.allowed.inc();
             return Ok(());
         }
+        // Decided without the lock: the connection's other requests do not wait for it.
         let verdict = authorize(proxy, &snapshot, port, client, Some(request));
         let labels = AuthzLabels { target_port: port, authz: verdict.by };
         if !verdict.allowed {
@@ -186,12 +187,14 @@ impl Admission {
         }
         let allowed = proxy.authz.http_allow.get_or_create(&labels).clone();
         allowed.inc();
-        // An audited request is logged each time; a verdict the request decided holds for it alone.
-        *last = (!verdict.per_request && verdict.reason.is_none()).then(|| Admitted {
+        // An audited request is logged each time; a verdict a TrafficTarget decided holds for
+        // its request alone. The counter stays valid: the families never drop a series.
+        let kept = (!verdict.per_request && verdict.reason.is_none()).then(|| Admitted {
             snapshot: Arc::downgrade(&snapshot),
             port,
             allowed,
         });
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = kept;
         Ok(())
     }
 }
