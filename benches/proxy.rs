@@ -88,6 +88,8 @@ const PERCENTILES: [(&str, &str); 5] = [
 struct Load {
     rps: f64,
     latency_ms: Vec<f64>,
+    /// Share of the requests answered with a 2xx: an error answered fast would otherwise count
+    /// as fast service.
     success: f64,
 }
 
@@ -136,10 +138,16 @@ fn oha(url: &str, mode: Mode, rate: Option<u32>, seconds: u64) -> Load {
     let json: serde_json::Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("oha output: {e}\n{}", String::from_utf8_lossy(&output.stderr)));
     let number = |pointer: &str| json.pointer(pointer).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+    // oha's success rate counts every answer, whatever its status.
+    let statuses = json.pointer("/statusCodeDistribution").and_then(serde_json::Value::as_object);
+    let count = |wanted: fn(&str) -> bool| -> f64 {
+        statuses.into_iter().flatten().filter(|(code, _)| wanted(code)).filter_map(|(_, n)| n.as_f64()).sum()
+    };
+    let (answered, ok) = (count(|_| true), count(|code| code.starts_with('2')));
     Load {
         rps: number("/summary/requestsPerSec"),
         latency_ms: PERCENTILES.iter().map(|(_, pointer)| number(pointer) * 1000.0).collect(),
-        success: number("/summary/successRate"),
+        success: if answered > 0.0 { number("/summary/successRate") * ok / answered } else { 0.0 },
     }
 }
 
@@ -377,6 +385,13 @@ fn main() {
                 let cpu_before = cpu_seconds(&pids);
                 let load = oha(&url(&contender.entry, mode), mode, None, seconds);
                 let cpu = cpu_seconds(&pids) - cpu_before;
+                assert!(
+                    load.success > 0.999,
+                    "{} {} closed loop: success rate {}",
+                    contender.name,
+                    mode.label(),
+                    load.success
+                );
                 let requests = load.rps * seconds as f64;
                 row.0.push(load.rps);
                 row.1.push(cpu / requests * 1000.0);
