@@ -15,6 +15,14 @@ fn balancer() -> Arc<Balancer> {
     Arc::new(Balancer::new(&TrafficConfig::default()))
 }
 
+/// A first ejection of exactly 50 ms (no jitter), doubling from there.
+fn balancer_ejecting_for_50ms() -> Arc<Balancer> {
+    let mut config = TrafficConfig::default();
+    config.ejection_backoff_min = crate::config::Duration::from_millis(50);
+    config.ejection_jitter = crate::config::Ratio(0.0);
+    Arc::new(Balancer::new(&config))
+}
+
 #[test]
 fn topology_prefers_the_node_then_the_zone_then_anything_usable() {
     let candidates = [candidate(1, "n1", "z1"), candidate(2, "n2", "z1"), candidate(3, "n3", "z2")];
@@ -74,10 +82,7 @@ fn a_slower_sample_is_taken_whole_and_a_faster_one_weighs_by_the_time_since_the_
 
 #[test]
 fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
-    let mut config = TrafficConfig::default();
-    config.ejection_backoff_min = crate::config::Duration::from_millis(50);
-    config.ejection_jitter = crate::config::Ratio(0.0);
-    let balancer = Arc::new(Balancer::new(&config));
+    let balancer = balancer_ejecting_for_50ms();
     let only = [candidate(1, "n", "z")];
     for _ in 0..6 {
         balancer.pick("svc", &only, None, 1).unwrap().finish(Outcome::Failure);
@@ -98,10 +103,7 @@ fn consecutive_failures_eject_and_a_probe_brings_an_endpoint_back() {
 
 #[test]
 fn failures_of_requests_picked_before_an_ejection_do_not_stretch_it() {
-    let mut config = TrafficConfig::default();
-    config.ejection_backoff_min = crate::config::Duration::from_millis(50);
-    config.ejection_jitter = crate::config::Ratio(0.0);
-    let balancer = Arc::new(Balancer::new(&config));
+    let balancer = balancer_ejecting_for_50ms();
     let only = [candidate(1, "n", "z")];
     let ejected_ms = || {
         let report = &balancer.report("svc")[0];
