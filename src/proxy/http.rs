@@ -31,7 +31,8 @@ use tokio::sync::Mutex;
 
 use super::balance::{InFlight, Outcome};
 use super::detect::Protocol;
-use super::head::{HeadClock, Watched};
+use super::head::HeadClock;
+use super::http1;
 use super::peer::PeerConnection;
 use super::tcp::{Activity, Counted};
 use super::transport::Header;
@@ -386,27 +387,25 @@ pub async fn serve_outbound<R>(
 where
     R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Refused> + Send + Sync + 'static,
 {
-    let (activity, idle, header_timeout) = (client.activity(), proxy.http_idle_timeout, proxy.header_read_timeout);
-    // HTTP/1 heads have their own deadline; HTTP/2 connections only the idle timeout.
-    let head = HeadClock::new();
-    let client = Watched::new(client, Arc::clone(&head));
+    let (activity, idle) = (client.activity(), proxy.http_idle_timeout);
+    if protocol == Protocol::Http1 {
+        // HTTP/1 heads have their own deadline; HTTP/2 connections only the idle timeout.
+        let (clock, stop) = (HeadClock::new(), http1::server::Stop::default());
+        let connection =
+            http1::server::serve(client, &clock, &stop, |request| outbound_request(&proxy, &route, request));
+        let head = Some((&clock, proxy.header_read_timeout));
+        return drive(connection, |_| stop.ask(), activity, idle, head, drain).await;
+    }
     let route = Arc::new(route);
-    let clock = Arc::clone(&head);
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let route = Arc::clone(&route);
-        let clock = Arc::clone(&clock);
-        clock.head_complete();
-        async move { Ok::<_, Infallible>(clock.track(outbound_request(&proxy, &*route, request).await)) }
+        async move { Ok::<_, Infallible>(outbound_request(&proxy, &*route, request).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // hyper's own head timeout (30 s once a timer is set) would also cut keep-alive clients
-    // idle between requests, and costs a timer per request: `HeadClock` keeps the deadline.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(64 * 1024);
-    builder.http2().max_header_list_size(64 * 1024);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
-    let head = (protocol == Protocol::Http1).then_some((&*head, header_timeout));
-    drive(connection, |c| c.graceful_shutdown(), activity, idle, head, drain).await
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(64 * 1024)
+        .serve_connection(TokioIo::new(client), service);
+    drive(connection, |c| c.graceful_shutdown(), activity, idle, None, drain).await
 }
 
 /// Methods a retry cannot harm (RFC 9110 idempotent methods).
@@ -462,7 +461,11 @@ enum RequestBody {
 impl RequestBody {
     /// Reads a body of unknown length up to `limit` bytes: one that ends within them can be
     /// replayed; a longer one is sent once, what was read first and then the rest as it comes.
-    async fn buffer(mut body: Incoming, limit: usize) -> Result<Self, hyper::Error> {
+    async fn buffer<B>(mut body: B, limit: usize) -> Result<Self, B::Error>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
         let mut data = BytesMut::new();
         while let Some(frame) = body.frame().await {
             match frame?.into_data() {
@@ -510,9 +513,11 @@ fn route_error(proxy: &Proxy, e: &Error) -> Response<Body> {
     empty_with(status, &e.to_string())
 }
 
-async fn outbound_request<R>(proxy: &Proxy, route: &R, request: Request<Incoming>) -> Response<Body>
+async fn outbound_request<R, B>(proxy: &Proxy, route: &R, request: Request<B>) -> Response<Body>
 where
     R: Fn(&Proxy, &RequestInfo<'_>) -> Result<Routed, Refused>,
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
 {
     let started = Instant::now();
     let (parts, body) = request.into_parts();

@@ -32,6 +32,8 @@ use tokio::net::TcpStream;
 
 use super::http::Body;
 
+pub mod server;
+
 /// Largest response head (status line and headers), and largest trailer section.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header lines in a response head or trailer section (hyper's limit too).
@@ -618,7 +620,7 @@ impl<R: Release> hyper::body::Body for ResponseBody<R> {
                 Framing::Close if !conn.read.is_empty() => {
                     return Poll::Ready(Some(Ok(Frame::data(conn.read.split().freeze()))));
                 }
-                Framing::Chunked(chunk) => match step_chunked(chunk, &mut conn.read) {
+                Framing::Chunked(chunk) => match step_chunked(chunk, &mut conn.read, "the backend") {
                     Ok(Step::Next(next)) => {
                         this.framing = Framing::Chunked(next);
                         continue;
@@ -679,18 +681,20 @@ enum Step {
     More,
 }
 
-fn step_chunked(chunk: Chunk, buf: &mut BytesMut) -> Result<Step, String> {
+/// One step through a chunked body in `buf`; `sender` names who sent it, for errors ("the
+/// backend", "the client").
+fn step_chunked(chunk: Chunk, buf: &mut BytesMut, sender: &str) -> Result<Step, String> {
     match chunk {
         Chunk::Size => {
             let Some(end) = buf.windows(2).take(MAX_CHUNK_LINE).position(|w| w == b"\r\n") else {
                 return if buf.len() >= MAX_CHUNK_LINE {
-                    Err("a chunk-size line of the backend's response is too long".to_owned())
+                    Err(format!("a chunk-size line from {sender} is too long"))
                 } else {
                     Ok(Step::More)
                 };
             };
             let line = buf.split_to(end + 2);
-            let size = chunk_size(&line[..end]).ok_or("the backend sent an invalid chunk size")?;
+            let size = chunk_size(&line[..end]).ok_or_else(|| format!("{sender} sent an invalid chunk size"))?;
             Ok(Step::Next(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) }))
         }
         Chunk::Data(left) if !buf.is_empty() => {
@@ -705,7 +709,7 @@ fn step_chunked(chunk: Chunk, buf: &mut BytesMut) -> Result<Step, String> {
             buf.advance(2);
             Ok(Step::Next(Chunk::Size))
         }
-        Chunk::DataEnd => Err("the backend's chunk data is not followed by CRLF".to_owned()),
+        Chunk::DataEnd => Err(format!("chunk data from {sender} is not followed by CRLF")),
         Chunk::Trailers => {
             let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
             match httparse::parse_headers(buf, &mut lines) {
@@ -722,8 +726,8 @@ fn step_chunked(chunk: Chunk, buf: &mut BytesMut) -> Result<Step, String> {
                     Ok(Step::End((!trailers.is_empty()).then_some(trailers)))
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Ok(Step::More),
-                Ok(httparse::Status::Partial) => Err(format!("the backend's trailers are over {MAX_HEAD} bytes")),
-                Err(e) => Err(format!("the backend's trailers are malformed: {e}")),
+                Ok(httparse::Status::Partial) => Err(format!("trailers from {sender} are over {MAX_HEAD} bytes")),
+                Err(e) => Err(format!("trailers from {sender} are malformed: {e}")),
             }
         }
     }

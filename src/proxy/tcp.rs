@@ -11,6 +11,7 @@ use std::time::Duration;
 use nix::time::{ClockId, clock_gettime};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Copy buffer per direction: bounded, so a connection costs at most twice this.
 pub const BUFFER_BYTES: usize = 16 * 1024;
@@ -79,6 +80,20 @@ impl<S> Counted<S> {
     /// The activity clock of this stream (shared with its clones).
     pub fn activity(&self) -> Activity {
         self.activity.clone()
+    }
+}
+
+impl Counted<tokio::net::TcpStream> {
+    /// The reading and the writing half, each counted as the whole was, with one activity clock.
+    pub fn into_split(self) -> (Counted<OwnedReadHalf>, Counted<OwnedWriteHalf>) {
+        let (read, write) = self.inner.into_split();
+        let reading = Counted {
+            inner: read,
+            read: self.read.clone(),
+            written: self.written.clone(),
+            activity: self.activity.clone(),
+        };
+        (reading, Counted { inner: write, read: self.read, written: self.written, activity: self.activity })
     }
 }
 

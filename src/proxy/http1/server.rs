@@ -1,0 +1,631 @@
+//! HTTP/1.1 from a local client, served by the connection's own task.
+//!
+//! hyper's server runs a dispatcher per connection and passes request bodies through a channel.
+//! Here the connection's task reads a request head, calls the service, and writes the response
+//! itself. A request body reads from the socket as it is polled, then hands the reading half
+//! back ([`RequestBody`]); the response goes out while it is still being read (an echo). Pipelined
+//! requests are served one after another.
+//!
+//! Framing follows RFC 9112. A request body is delimited by chunked coding or by Content-Length.
+//! A request that could be read two ways is refused with 400 and the connection closed: both
+//! headers, differing lengths, chunked not last, Transfer-Encoding in HTTP/1.0. Another transfer
+//! coding gets 501. A response goes with Content-Length when its length is known, else chunked
+//! (to HTTP/1.0 clients: until the connection closes). Trailers go only to a client that said
+//! `TE: trailers`. `Expect: 100-continue` is answered before the service is called, unless
+//! part of the body has already arrived.
+
+use std::fmt::Write as _;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TE, TRANSFER_ENCODING};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, oneshot};
+
+use super::{BodyError, Chunk, MAX_HEAD, MAX_HEADERS, READ_SIZE, Step, step_chunked};
+use crate::proxy::head::HeadClock;
+use crate::proxy::http::{Body, ERROR_HEADER};
+use crate::proxy::tcp::Counted;
+
+/// Response bytes gathered before they are written.
+const WRITE_SIZE: usize = 64 * 1024;
+
+/// Asks a connection to close once its current exchange is over (at once, when it has none).
+#[derive(Debug, Default)]
+pub struct Stop {
+    asked: AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    pub fn ask(&self) {
+        self.asked.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn asked(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        while !self.asked() {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Why a request head is answered by the connection itself, which then closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: &'static str,
+}
+
+const fn reject(status: StatusCode, reason: &'static str) -> Rejection {
+    Rejection { status, reason }
+}
+
+/// How a request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    Length(u64),
+    Chunked,
+}
+
+/// A request head taken off the connection.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub parts: Parts,
+    pub body: BodyFraming,
+    /// The client lets the connection carry another request after this one.
+    pub keep_alive: bool,
+    /// The client waits for `100 Continue` before it sends the body.
+    pub expects_continue: bool,
+    /// The client takes trailers in a chunked response (`TE: trailers`).
+    pub takes_trailers: bool,
+}
+
+/// Takes a complete request head off the front of `buf`; `None` until one has arrived.
+pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Rejection> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut lines);
+    let length = match request.parse(buf) {
+        Ok(httparse::Status::Complete(length)) if length <= MAX_HEAD => length,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
+        Ok(httparse::Status::Complete(_) | httparse::Status::Partial) => {
+            return Err(reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "the request head is over 64 KiB"));
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "the request has over 100 header fields"));
+        }
+        Err(_) => return Err(reject(StatusCode::BAD_REQUEST, "the request head is malformed")),
+    };
+    let bad = |reason| reject(StatusCode::BAD_REQUEST, reason);
+    let method = request.method.map(|m| Method::from_bytes(m.as_bytes()));
+    let method = method.and_then(Result::ok).ok_or(bad("the request method is invalid"))?;
+    let version = if request.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // The target and the header values become slices of the head as received, not copies.
+    let base = buf.as_ptr() as usize;
+    let range = |part: &[u8]| {
+        let start = part.as_ptr() as usize - base;
+        start..start + part.len()
+    };
+    let target = range(request.path.unwrap_or_default().as_bytes());
+    let mut fields = Vec::with_capacity(request.headers.len());
+    for line in request.headers.iter() {
+        let name = HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| bad("a header name is invalid"))?;
+        fields.push((name, range(line.value)));
+    }
+    let head = buf.split_to(length).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| bad("the request target is invalid"))?;
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, range) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(range)).map_err(|_| bad("a header value is invalid"))?;
+        headers.append(name, value);
+    }
+    let (mut parts, ()) = Request::new(()).into_parts();
+    let body = body_framing(version, &headers)?;
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == Version::HTTP_11 => return Err(bad("an HTTP/1.1 request needs a Host header")),
+        (Some(_), Some(_)) => return Err(bad("the request has more than one Host header")),
+        _ => {}
+    }
+    let keep_alive = keeps_alive(version, &headers);
+    let expects_continue = version == Version::HTTP_11
+        && headers.get(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let takes_trailers = tokens(&headers, &TE).any(|t| t.eq_ignore_ascii_case("trailers"));
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(RequestHead { parts, body, keep_alive, expects_continue, takes_trailers }))
+}
+
+/// The comma-separated tokens of every `name` header.
+fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    let values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    values.flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// Whether a request of `version` with `headers` leaves the connection open after it.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    if version == Version::HTTP_10 {
+        tokens(headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case("keep-alive"))
+    } else {
+        !tokens(headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// The request body's framing (RFC 9112, 6.1-6.3). Anything that could be read two ways is
+/// refused: that is how a request is smuggled past a proxy to a backend that reads it otherwise.
+fn body_framing(version: Version, headers: &HeaderMap) -> Result<BodyFraming, Rejection> {
+    let bad = |reason| reject(StatusCode::BAD_REQUEST, reason);
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(bad("an HTTP/1.0 request cannot have Transfer-Encoding"));
+        }
+        if headers.contains_key(CONTENT_LENGTH) {
+            return Err(bad("the request has both Transfer-Encoding and Content-Length"));
+        }
+        let chunked = |coding: &&str| coding.eq_ignore_ascii_case("chunked");
+        let codings: Vec<&str> = tokens(headers, &TRANSFER_ENCODING).collect();
+        return match codings.split_last() {
+            None => Err(bad("the request's Transfer-Encoding is empty")),
+            Some((last, _)) if !chunked(last) => Err(bad("chunked is not the request's last transfer coding")),
+            Some((_, [])) => Ok(BodyFraming::Chunked),
+            Some((_, others)) if others.iter().any(chunked) => Err(bad("the request is chunked more than once")),
+            Some(_) => {
+                Err(reject(StatusCode::NOT_IMPLEMENTED, "transfer codings other than chunked are not supported"))
+            }
+        };
+    }
+    let invalid = || bad("the request's Content-Length is invalid");
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.to_str().map_err(|_| invalid())?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid());
+            }
+            let parsed = part.parse::<u64>().map_err(|_| invalid())?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err(bad("the request has differing Content-Length values"));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(BodyFraming::Length(length.unwrap_or(0)))
+}
+
+/// The reading half of a client connection and what was read from it past the current message.
+#[derive(Debug)]
+struct Reader {
+    io: Counted<OwnedReadHalf>,
+    buf: BytesMut,
+}
+
+impl Reader {
+    /// Reads what the socket has into the buffer; 0 at the end of the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_fill(cx)).await
+    }
+}
+
+/// A request body, read from the client connection as it is polled. Read to its end, it gives
+/// the connection's reading half back for the next request; dropped before that, the connection
+/// closes after the response.
+#[derive(Debug)]
+pub struct RequestBody {
+    /// `None` for a request without a body, and once the body is complete.
+    reading: Option<Reading>,
+}
+
+#[derive(Debug)]
+struct Reading {
+    reader: Reader,
+    framing: Framing,
+    back: oneshot::Sender<Reader>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+}
+
+impl RequestBody {
+    const EMPTY: Self = Self { reading: None };
+
+    /// The body is complete: the reading half goes back to the connection.
+    fn finish(&mut self) {
+        if let Some(reading) = self.reading.take() {
+            let _ = reading.back.send(reading.reader);
+        }
+    }
+
+    fn fail(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.reading = None;
+        Poll::Ready(Some(Err(BodyError(reason))))
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(reading) = this.reading.as_mut() else { return Poll::Ready(None) };
+            let buf = &mut reading.reader.buf;
+            match reading.framing {
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) if !buf.is_empty() => {
+                    let data = buf.split_to(buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)));
+                    reading.framing = Framing::Length(left - data.len() as u64);
+                    if let Framing::Length(0) = reading.framing {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data.freeze()))));
+                }
+                Framing::Chunked(chunk) => match step_chunked(chunk, buf, "the client") {
+                    Ok(Step::Next(next)) => {
+                        reading.framing = Framing::Chunked(next);
+                        continue;
+                    }
+                    Ok(Step::Data(data, next)) => {
+                        reading.framing = Framing::Chunked(next);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(Step::End(trailers)) => {
+                        this.finish();
+                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                    }
+                    Ok(Step::More) => {}
+                    Err(reason) => return this.fail(reason),
+                },
+                Framing::Length(_) => {}
+            }
+            match ready!(reading.reader.poll_fill(cx)) {
+                Ok(0) => return this.fail("the client closed the connection in the middle of the request body".into()),
+                Ok(_) => {}
+                Err(e) => return this.fail(format!("reading the request body: {e}")),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.as_ref().is_none_or(|r| matches!(r.framing, Framing::Length(0)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.reading {
+            None => SizeHint::with_exact(0),
+            Some(Reading { framing: Framing::Length(left), .. }) => SizeHint::with_exact(*left),
+            Some(_) => SizeHint::new(),
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests on `io` until the client closes the connection, a request or
+/// response ends it, or `stop` is asked. `clock` hears when each head starts and ends.
+pub async fn serve<F, Fut>(io: Counted<TcpStream>, clock: &HeadClock, stop: &Stop, mut service: F) -> io::Result<()>
+where
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let (read, mut write) = io.into_split();
+    let mut reader = Reader { io: read, buf: BytesMut::with_capacity(READ_SIZE) };
+    let mut out = BytesMut::new();
+    loop {
+        let head = loop {
+            match parse_request(&mut reader.buf) {
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(rejection) => {
+                    write_rejection(&mut out, rejection);
+                    write.write_all(&out).await?;
+                    return write.shutdown().await;
+                }
+            }
+            let read = tokio::select! {
+                read = reader.fill() => read?,
+                () = stop.wait(), if reader.buf.is_empty() => return write.shutdown().await,
+            };
+            if read == 0 {
+                // The client is done (a partial head has no one left to answer).
+                return write.shutdown().await;
+            }
+            clock.arrived();
+        };
+        clock.head_complete();
+        let RequestHead { parts, body: framing, keep_alive, expects_continue, takes_trailers } = head;
+        let exchange = Exchange { head: parts.method == Method::HEAD, version: parts.version, takes_trailers };
+        let (body, mut held) = match framing {
+            BodyFraming::Length(0) => (RequestBody::EMPTY, Held::Here(reader)),
+            BodyFraming::Length(_) | BodyFraming::Chunked => {
+                if expects_continue && reader.buf.is_empty() {
+                    write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                }
+                let framing = match framing {
+                    BodyFraming::Length(length) => Framing::Length(length),
+                    BodyFraming::Chunked => Framing::Chunked(Chunk::Size),
+                };
+                let (back, returned) = oneshot::channel();
+                (RequestBody { reading: Some(Reading { reader, framing, back }) }, Held::Lent(returned))
+            }
+        };
+        let response = service(Request::from_parts(parts, body)).await;
+        let mut keep = keep_alive && !stop.asked();
+        if let Held::Lent(returned) = &mut held {
+            match returned.try_recv() {
+                Ok(reader) => held = Held::Here(reader),
+                // Left unread: where the next request starts is not known.
+                Err(oneshot::error::TryRecvError::Closed) => keep = false,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+        }
+        let keep = write_response(&mut write, &mut out, response, exchange, keep).await?;
+        reader = match held {
+            Held::Here(reader) => reader,
+            // The body may still be read after the response (a backend that answered early).
+            Held::Lent(returned) if keep => tokio::select! {
+                returned = returned => match returned {
+                    Ok(reader) => reader,
+                    Err(_) => return write.shutdown().await,
+                },
+                () = stop.wait() => return write.shutdown().await,
+            },
+            Held::Lent(_) => return write.shutdown().await,
+        };
+        clock.request_done();
+        if !keep {
+            return write.shutdown().await;
+        }
+        if !reader.buf.is_empty() {
+            // The next request's first bytes came with this one: its head is pending already.
+            clock.arrived();
+        }
+    }
+}
+
+/// Where the connection's reading half is while a request is served.
+enum Held {
+    Here(Reader),
+    /// With the request body, which sends it back once read to its end.
+    Lent(oneshot::Receiver<Reader>),
+}
+
+/// What the response depends on of its request.
+#[derive(Debug, Clone, Copy)]
+struct Exchange {
+    head: bool,
+    version: Version,
+    takes_trailers: bool,
+}
+
+/// Writes the response and reports whether the connection can carry another request: `keep`,
+/// unless the response had to be delimited by closing, or its body broke off.
+async fn write_response(
+    write: &mut Counted<OwnedWriteHalf>,
+    out: &mut BytesMut,
+    response: Response<Body>,
+    exchange: Exchange,
+    mut keep: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    // Upgrades are carried as opaque connections before any server sees them; a 101 that comes
+    // anyway cannot be followed here.
+    keep &= !status.is_informational();
+    let bodiless = exchange.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        None
+    } else if let Some(length) = body.size_hint().exact() {
+        Some(Framing::Length(length))
+    } else if exchange.version == Version::HTTP_11 {
+        Some(Framing::Chunked(Chunk::Size))
+    } else {
+        // An HTTP/1.0 client learns where the body ends from the connection's end.
+        keep = false;
+        None
+    };
+    // A HEAD or 304 response keeps the length its body would have had.
+    let keep_length = bodiless && status != StatusCode::NO_CONTENT;
+    encode_head(out, &parts, framing, keep_length, keep, exchange.version);
+    let Some(mut framing) = framing else {
+        if !bodiless {
+            // Close-delimited: the body follows as it is.
+            return stream_close_delimited(write, out, body).await.map(|()| false);
+        }
+        write.write_all(out).await?;
+        out.clear();
+        return Ok(keep);
+    };
+    let mut trailers = None;
+    loop {
+        if let Framing::Length(0) = framing {
+            break;
+        }
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                flush(write, out).await?;
+                body.frame().await
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => match &mut framing {
+                    Framing::Length(left) => {
+                        if data.len() as u64 > *left {
+                            // More than it announced: what was announced goes, then the end.
+                            out.extend_from_slice(&data[..*left as usize]);
+                            flush(write, out).await?;
+                            return Ok(false);
+                        }
+                        *left -= data.len() as u64;
+                        out.extend_from_slice(&data);
+                    }
+                    Framing::Chunked(_) => {
+                        if !data.is_empty() {
+                            let _ = write!(out, "{:x}\r\n", data.len());
+                            out.extend_from_slice(&data);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                },
+                Err(frame) => trailers = frame.into_trailers().ok().filter(|_| exchange.takes_trailers),
+            },
+            Some(Err(_)) => {
+                // The response broke off: the client sees it cut short, not complete.
+                flush(write, out).await?;
+                return Ok(false);
+            }
+            None => {
+                if let Framing::Length(_) = framing {
+                    // Shorter than it announced: the client is waiting for the rest.
+                    flush(write, out).await?;
+                    return Ok(false);
+                }
+                out.extend_from_slice(b"0\r\n");
+                for (name, value) in trailers.iter().flatten() {
+                    put_field(out, name, value);
+                }
+                out.extend_from_slice(b"\r\n");
+                break;
+            }
+        }
+        if out.len() >= WRITE_SIZE {
+            flush(write, out).await?;
+        }
+    }
+    flush(write, out).await?;
+    Ok(keep)
+}
+
+/// Writes the head in `out`, then the body as it comes, for a client that reads to the end of
+/// the connection.
+async fn stream_close_delimited(
+    write: &mut Counted<OwnedWriteHalf>,
+    out: &mut BytesMut,
+    mut body: Body,
+) -> io::Result<()> {
+    flush(write, out).await?;
+    while let Some(frame) = body.frame().await {
+        match frame.map(Frame::into_data) {
+            Ok(Ok(data)) => write.write_all(&data).await?,
+            Ok(Err(_trailers)) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+async fn flush(write: &mut Counted<OwnedWriteHalf>, out: &mut BytesMut) -> io::Result<()> {
+    if !out.is_empty() {
+        write.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Headers a response loses on the way to the client: they were about the connection it came on
+/// (or its framing, which is written anew).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == http::header::UPGRADE
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
+fn encode_head(
+    out: &mut BytesMut,
+    parts: &http::response::Parts,
+    framing: Option<Framing>,
+    keep_length: bool,
+    keep: bool,
+    version: Version,
+) {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes()),
+    }
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if hop_by_hop(name) || (name == CONTENT_LENGTH && !keep_length) {
+            continue;
+        }
+        put_field(out, name, value);
+    }
+    if !parts.headers.contains_key(DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Some(Framing::Length(length)) => {
+            let _ = write!(out, "content-length: {length}\r\n");
+        }
+        Some(Framing::Chunked(_)) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        None => {}
+    }
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The connection's own answer to a head it refuses; the connection closes after it.
+fn write_rejection(out: &mut BytesMut, rejection: Rejection) {
+    let Rejection { status, reason } = rejection;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n{ERROR_HEADER}: {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{reason}\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        reason.len() + 1
+    );
+}
+
+#[cfg(test)]
+mod tests;
