@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::task::AtomicWaker;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TE, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -30,7 +31,7 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 use super::{BodyError, Chunk, MAX_HEAD, MAX_HEADERS, READ_SIZE, Step, step_chunked};
 use crate::proxy::head::HeadClock;
@@ -41,16 +42,17 @@ use crate::proxy::tcp::Counted;
 const WRITE_SIZE: usize = 64 * 1024;
 
 /// Asks a connection to close once its current exchange is over (at once, when it has none).
+/// Waiting costs a waker registration, no lock: a connection waits on it before every request.
 #[derive(Debug, Default)]
 pub struct Stop {
     asked: AtomicBool,
-    notify: Notify,
+    waiter: AtomicWaker,
 }
 
 impl Stop {
     pub fn ask(&self) {
         self.asked.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.waiter.wake();
     }
 
     fn asked(&self) -> bool {
@@ -58,9 +60,13 @@ impl Stop {
     }
 
     async fn wait(&self) {
-        while !self.asked() {
-            self.notify.notified().await;
-        }
+        poll_fn(|cx| {
+            if !self.asked() {
+                self.waiter.register(cx.waker());
+            }
+            if self.asked() { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
     }
 }
 
@@ -97,6 +103,9 @@ pub struct RequestHead {
 
 /// Takes a complete request head off the front of `buf`; `None` until one has arrived.
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Rejection> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut lines);
     let length = match request.parse(buf) {
@@ -121,10 +130,18 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Rejectio
         start..start + part.len()
     };
     let target = range(request.path.unwrap_or_default().as_bytes());
+    let mut facts = Facts::default();
     let mut fields = Vec::with_capacity(request.headers.len());
     for line in request.headers.iter() {
         let name = HeaderName::from_bytes(line.name.as_bytes()).map_err(|_| bad("a header name is invalid"))?;
+        facts.add(&name, line.value)?;
         fields.push((name, range(line.value)));
+    }
+    let body = facts.framing(version)?;
+    match facts.hosts {
+        0 if version == Version::HTTP_11 => return Err(bad("an HTTP/1.1 request needs a Host header")),
+        0 | 1 => {}
+        _ => return Err(bad("the request has more than one Host header")),
     }
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| bad("the request target is invalid"))?;
@@ -133,79 +150,99 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Rejectio
         let value = HeaderValue::from_maybe_shared(head.slice(range)).map_err(|_| bad("a header value is invalid"))?;
         headers.append(name, value);
     }
+    let keep_alive = if version == Version::HTTP_10 { facts.keep_alive } else { !facts.close };
+    let expects_continue = version == Version::HTTP_11 && facts.expects_continue;
     let (mut parts, ()) = Request::new(()).into_parts();
-    let body = body_framing(version, &headers)?;
-    let mut hosts = headers.get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (None, _) if version == Version::HTTP_11 => return Err(bad("an HTTP/1.1 request needs a Host header")),
-        (Some(_), Some(_)) => return Err(bad("the request has more than one Host header")),
-        _ => {}
-    }
-    let keep_alive = keeps_alive(version, &headers);
-    let expects_continue = version == Version::HTTP_11
-        && headers.get(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let takes_trailers = tokens(&headers, &TE).any(|t| t.eq_ignore_ascii_case("trailers"));
     parts.method = method;
     parts.uri = uri;
     parts.version = version;
     parts.headers = headers;
-    Ok(Some(RequestHead { parts, body, keep_alive, expects_continue, takes_trailers }))
+    Ok(Some(RequestHead { parts, body, keep_alive, expects_continue, takes_trailers: facts.takes_trailers }))
 }
 
-/// The comma-separated tokens of every `name` header.
-fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
-    let values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
-    values.flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty())
+/// What a request head says about its body and its connection, gathered field by field as the
+/// head is parsed (a header map lookup costs more than the whole scan).
+#[derive(Debug, Default)]
+struct Facts {
+    hosts: usize,
+    /// The Content-Length, once one was seen (every value must agree).
+    length: Option<u64>,
+    /// Transfer-Encoding was present, with these codings.
+    encoded: bool,
+    codings: usize,
+    chunked: usize,
+    last_chunked: bool,
+    close: bool,
+    keep_alive: bool,
+    takes_trailers: bool,
+    expects_continue: bool,
 }
 
-/// Whether a request of `version` with `headers` leaves the connection open after it.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    if version == Version::HTTP_10 {
-        tokens(headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case("keep-alive"))
-    } else {
-        !tokens(headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case("close"))
+impl Facts {
+    fn add(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), Rejection> {
+        let bad = |reason| reject(StatusCode::BAD_REQUEST, reason);
+        if name == HOST {
+            self.hosts += 1;
+        } else if name == CONTENT_LENGTH {
+            for part in tokens(value) {
+                let digits = !part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit);
+                let parsed = digits.then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok()).flatten();
+                let parsed = parsed.ok_or(bad("the request's Content-Length is invalid"))?;
+                if self.length.is_some_and(|l| l != parsed) {
+                    return Err(bad("the request has differing Content-Length values"));
+                }
+                self.length = Some(parsed);
+            }
+            if self.length.is_none() {
+                return Err(bad("the request's Content-Length is invalid"));
+            }
+        } else if name == TRANSFER_ENCODING {
+            self.encoded = true;
+            for coding in tokens(value).filter(|c| !c.is_empty()) {
+                self.codings += 1;
+                self.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
+                self.chunked += usize::from(self.last_chunked);
+            }
+        } else if name == CONNECTION {
+            for option in tokens(value) {
+                self.close |= option.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == TE {
+            self.takes_trailers |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+        } else if name == EXPECT {
+            self.expects_continue |= value.eq_ignore_ascii_case(b"100-continue");
+        }
+        Ok(())
     }
-}
 
-/// The request body's framing (RFC 9112, 6.1-6.3). Anything that could be read two ways is
-/// refused: that is how a request is smuggled past a proxy to a backend that reads it otherwise.
-fn body_framing(version: Version, headers: &HeaderMap) -> Result<BodyFraming, Rejection> {
-    let bad = |reason| reject(StatusCode::BAD_REQUEST, reason);
-    if headers.contains_key(TRANSFER_ENCODING) {
+    /// The request body's framing (RFC 9112, 6.1-6.3). Anything that could be read two ways is
+    /// refused: that is how a request is smuggled past a proxy to a backend that reads it
+    /// otherwise.
+    fn framing(&self, version: Version) -> Result<BodyFraming, Rejection> {
+        let bad = |reason| reject(StatusCode::BAD_REQUEST, reason);
+        if !self.encoded {
+            return Ok(BodyFraming::Length(self.length.unwrap_or(0)));
+        }
         if version == Version::HTTP_10 {
             return Err(bad("an HTTP/1.0 request cannot have Transfer-Encoding"));
         }
-        if headers.contains_key(CONTENT_LENGTH) {
+        if self.length.is_some() {
             return Err(bad("the request has both Transfer-Encoding and Content-Length"));
         }
-        let chunked = |coding: &&str| coding.eq_ignore_ascii_case("chunked");
-        let codings: Vec<&str> = tokens(headers, &TRANSFER_ENCODING).collect();
-        return match codings.split_last() {
-            None => Err(bad("the request's Transfer-Encoding is empty")),
-            Some((last, _)) if !chunked(last) => Err(bad("chunked is not the request's last transfer coding")),
-            Some((_, [])) => Ok(BodyFraming::Chunked),
-            Some((_, others)) if others.iter().any(chunked) => Err(bad("the request is chunked more than once")),
-            Some(_) => {
-                Err(reject(StatusCode::NOT_IMPLEMENTED, "transfer codings other than chunked are not supported"))
-            }
-        };
-    }
-    let invalid = || bad("the request's Content-Length is invalid");
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.to_str().map_err(|_| invalid())?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(invalid());
-            }
-            let parsed = part.parse::<u64>().map_err(|_| invalid())?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err(bad("the request has differing Content-Length values"));
-            }
-            length = Some(parsed);
+        match (self.codings, self.chunked) {
+            (0, _) => Err(bad("the request's Transfer-Encoding is empty")),
+            _ if !self.last_chunked => Err(bad("chunked is not the request's last transfer coding")),
+            (1, 1) => Ok(BodyFraming::Chunked),
+            (_, 2..) => Err(bad("the request is chunked more than once")),
+            _ => Err(reject(StatusCode::NOT_IMPLEMENTED, "transfer codings other than chunked are not supported")),
         }
     }
-    Ok(BodyFraming::Length(length.unwrap_or(0)))
+}
+
+/// The comma-separated parts of a header value, without surrounding whitespace.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// The reading half of a client connection and what was read from it past the current message.
@@ -349,6 +386,7 @@ where
                 }
             }
             let read = tokio::select! {
+                biased;
                 read = reader.fill() => read?,
                 () = stop.wait(), if reader.buf.is_empty() => return write.shutdown().await,
             };
@@ -580,20 +618,24 @@ fn encode_head(
         None => out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes()),
     }
     out.extend_from_slice(b"\r\n");
+    let mut dated = false;
     for (name, value) in &parts.headers {
         if hop_by_hop(name) || (name == CONTENT_LENGTH && !keep_length) {
             continue;
         }
+        dated |= name == DATE;
         put_field(out, name, value);
     }
-    if !parts.headers.contains_key(DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     match framing {
         Some(Framing::Length(length)) => {
-            let _ = write!(out, "content-length: {length}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            put_decimal(out, length);
+            out.extend_from_slice(b"\r\n");
         }
         Some(Framing::Chunked(_)) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         None => {}
@@ -604,6 +646,21 @@ fn encode_head(
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `n` in decimal (without the formatting machinery, which costs several times more).
+fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {

@@ -7,6 +7,7 @@ use http_body_util::{Full, StreamBody};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
 use super::*;
 use crate::proxy::http::boxed;
