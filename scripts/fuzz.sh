@@ -5,7 +5,7 @@
 # starting from its seeds in fuzz/corpus/<target>/, and its number of runs is printed.
 # Installs cargo-fuzz if it is missing. The toolchain is stable: RUSTC_BOOTSTRAP=1 lets
 # cargo-fuzz's -Z flags (sanitizer, coverage) through.
-# Settings: FUZZ_SECONDS (per target, default 60), FUZZ_TARGETS (default: all five).
+# Settings: FUZZ_SECONDS (per target, default 60), FUZZ_TARGETS (default: all six).
 # A crash stops the run; the input is saved in fuzz/artifacts/<target>/. Replay it with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run <target> fuzz/artifacts/<target>/<file>
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
-read -r -a TARGETS <<< "${FUZZ_TARGETS:-detect transport_header dns config manifests}"
+read -r -a TARGETS <<< "${FUZZ_TARGETS:-detect http1_request transport_header dns config manifests}"
 export RUSTC_BOOTSTRAP=1
 
 command -v cargo-fuzz >/dev/null || stage install-fuzz cargo install cargo-fuzz --locked

@@ -39,6 +39,68 @@ pub fn detect(bytes: &[u8]) -> Option<Protocol> {
     crate::proxy::detect::detect(bytes)
 }
 
+/// What box A's HTTP/1.1 server made of a complete request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http1Request {
+    pub method: String,
+    pub target: String,
+    pub version: Version,
+    /// The body's length, or `None` for a chunked body.
+    pub length: Option<u64>,
+    pub keep_alive: bool,
+    /// Bytes left after the head (the body, or the next request).
+    pub rest: usize,
+}
+
+/// Box A's HTTP/1.1 server on a request head at the start of `bytes`
+/// ([`crate::proxy::http1::server::parse_request`]): the request, the status it is refused
+/// with, or `None` while the head is incomplete.
+///
+/// # Panics
+///
+/// When a refusal is not 400, 431 or 501, or an accepted head breaks what the framing rules
+/// promise: a chunked request without Content-Length, one Host on HTTP/1.1, a length that is the
+/// request's Content-Length.
+pub fn http1_request(bytes: &[u8]) -> Result<Option<Http1Request>, u16> {
+    use crate::proxy::http1::server::{BodyFraming, parse_request};
+    let mut buf = bytes::BytesMut::from(bytes);
+    let head = match parse_request(&mut buf) {
+        Ok(head) => head,
+        Err(rejection) => {
+            let status = rejection.status.as_u16();
+            assert!(matches!(status, 400 | 431 | 501), "refused with {status}");
+            return Err(status);
+        }
+    };
+    let Some(head) = head else { return Ok(None) };
+    let headers = &head.parts.headers;
+    let declared = headers.get(http::header::CONTENT_LENGTH).map(|v| v.to_str().map(str::to_owned));
+    let length = match head.body {
+        BodyFraming::Chunked => {
+            assert!(declared.is_none(), "a chunked request kept its Content-Length");
+            None
+        }
+        BodyFraming::Length(length) => {
+            if let Some(Ok(declared)) = declared {
+                let first = declared.split(',').next().map(str::trim);
+                assert_eq!(first.and_then(|d| d.parse().ok()), Some(length), "the length is not the request's");
+            }
+            Some(length)
+        }
+    };
+    if head.parts.version == Version::HTTP_11 {
+        assert_eq!(headers.get_all(http::header::HOST).iter().count(), 1, "an HTTP/1.1 request without one Host");
+    }
+    Ok(Some(Http1Request {
+        method: head.parts.method.to_string(),
+        target: head.parts.uri.to_string(),
+        version: head.parts.version,
+        length,
+        keep_alive: head.keep_alive,
+        rest: buf.len(),
+    }))
+}
+
 /// What [`transport_header`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportParse {

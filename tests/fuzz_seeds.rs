@@ -24,6 +24,9 @@ const HTTP1_GET: &[u8] =
 const HTTP1_POST: &[u8] =
     b"POST /orders HTTP/1.0\r\nHost: api.shop\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"item\": 42}\n";
 
+const HTTP1_CHUNKED: &[u8] =
+    b"POST /orders HTTP/1.1\r\nHost: api.shop\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+
 /// The HTTP/2 preface and the client's first SETTINGS frame (max streams 100, window 6 MiB).
 fn h2_start() -> Vec<u8> {
     let settings: &[u8] = &[0, 0, 12, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100, 0, 4, 0, 0x60, 0, 0];
@@ -181,6 +184,25 @@ fn detect_classifies_the_seeds() {
 }
 
 #[test]
+fn http1_request_reads_the_seeds() {
+    let get = fuzzing::http1_request(HTTP1_GET).unwrap().unwrap();
+    assert_eq!(
+        (get.method.as_str(), get.target.as_str(), get.length, get.keep_alive, get.rest),
+        ("GET", "/products?page=2", Some(0), true, 0)
+    );
+    let post = fuzzing::http1_request(HTTP1_POST).unwrap().unwrap();
+    assert_eq!((post.version, post.length, post.keep_alive, post.rest), (Version::HTTP_10, Some(13), false, 13));
+    let chunked = fuzzing::http1_request(HTTP1_CHUNKED).unwrap().unwrap();
+    assert_eq!((chunked.length, chunked.rest), (None, 15));
+    assert_eq!(fuzzing::http1_request(&HTTP1_GET[..40]), Ok(None));
+    let smuggled = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(fuzzing::http1_request(smuggled), Err(400));
+    run_corpus("http1_request", |bytes| {
+        let _ = fuzzing::http1_request(bytes);
+    });
+}
+
+#[test]
 fn transport_header_reads_the_seeds() {
     let api = header(8080, Protocol::Http1, Some("api.shop.svc.cluster.local"));
     assert_eq!(
@@ -307,6 +329,14 @@ fn detect_survives_mutations() {
     ];
     mutate_and_run("detect", seeds, |bytes| {
         let _ = fuzzing::detect(bytes);
+    });
+}
+
+#[test]
+fn http1_request_survives_mutations() {
+    let seeds = vec![HTTP1_GET.to_vec(), HTTP1_POST.to_vec(), HTTP1_CHUNKED.to_vec()];
+    mutate_and_run("http1_request", seeds, |bytes| {
+        let _ = fuzzing::http1_request(bytes);
     });
 }
 

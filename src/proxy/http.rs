@@ -297,7 +297,8 @@ pub enum Route {
 
 /// Runs an HTTP server connection to its end. It is closed gracefully (requests in flight
 /// finish, then the connection closes) once nothing has moved on it for `idle`, or when the
-/// drain starts.
+/// drain starts; if nothing moves for `idle` again after that (a client that stopped reading,
+/// a response that never comes), it is cut.
 async fn drive<C, E>(
     connection: C,
     shutdown: impl Fn(Pin<&mut C>),
@@ -332,7 +333,13 @@ where
                     format!("request head not complete within {limit:?}"),
                 )));
             }
-            () = activity.idle_for(idle), if !closing => {
+            () = activity.idle_for(idle) => {
+                if closing {
+                    return Err(Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("nothing moved for {idle:?} while closing"),
+                    )));
+                }
                 closing = true;
                 shutdown(connection.as_mut());
             }
@@ -662,7 +669,7 @@ where
 }
 
 /// Removes every `Connection` header and the headers its values name.
-fn remove_connection_headers(headers: &mut http::HeaderMap) {
+pub(super) fn remove_connection_headers(headers: &mut http::HeaderMap) {
     if !headers.contains_key(http::header::CONNECTION) {
         return;
     }

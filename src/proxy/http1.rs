@@ -199,7 +199,7 @@ fn encode_head(parts: &Parts, framing: RequestFraming, out: &mut Vec<u8>) {
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(if target.is_empty() { b"/" } else { target.as_bytes() });
-    // HTTP/1.0 has no chunked coding (hyper's server never hands on such a request anyway).
+    // HTTP/1.0 has no chunked coding (no server of this proxy hands on such a request anyway).
     let http10 = parts.version == Version::HTTP_10 && framing != RequestFraming::Chunked;
     out.extend_from_slice(if http10 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
     for (name, value) in &parts.headers {

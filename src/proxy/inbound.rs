@@ -2,12 +2,13 @@
 //! the local port; plaintext (redirected) connections are accepted or refused by policy.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use super::memo::Memo;
 use super::metrics::AuthzLabels;
 use super::metrics::{ConnectionLabels, OpenConnection};
 use super::tcp::{Counted, splice};
@@ -148,16 +149,8 @@ fn authorize(
 /// the same.
 #[derive(Debug, Default)]
 pub struct Admission {
-    last: Mutex<Option<Admitted>>,
-}
-
-#[derive(Debug)]
-struct Admitted {
-    /// Weak, so an idle connection does not keep an old snapshot alive; never dangling, so no
-    /// later snapshot can take its address.
-    snapshot: Weak<Snapshot>,
-    port: u16,
-    allowed: Counter,
+    /// The target port and the counter of a verdict no request decided (the default policy's).
+    kept: Memo<u16, Counter>,
 }
 
 impl Admission {
@@ -170,14 +163,13 @@ impl Admission {
         client: Option<&str>,
         request: &RequestInfo<'_>,
     ) -> Result<(), String> {
-        let snapshot = proxy.snapshots.borrow().clone();
-        if let Some(seen) = self.last.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-            && std::ptr::eq(seen.snapshot.as_ptr(), Arc::as_ptr(&snapshot))
-            && seen.port == port
-        {
-            seen.allowed.inc();
-            return Ok(());
-        }
+        let snapshot = {
+            let current = proxy.snapshots.borrow();
+            if self.kept.get(&current, |kept| *kept == port, Counter::inc).is_some() {
+                return Ok(());
+            }
+            Arc::clone(&current)
+        };
         // Decided without the lock: the connection's other requests do not wait for it.
         let verdict = authorize(proxy, &snapshot, port, client, Some(request));
         let labels = AuthzLabels { target_port: port, authz: verdict.by };
@@ -189,12 +181,7 @@ impl Admission {
         allowed.inc();
         // An audited request is logged each time; a verdict a TrafficTarget decided holds for
         // its request alone. The counter stays valid: the families never drop a series.
-        let kept = (!verdict.per_request && verdict.reason.is_none()).then(|| Admitted {
-            snapshot: Arc::downgrade(&snapshot),
-            port,
-            allowed,
-        });
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+        self.kept.keep(&snapshot, (!verdict.per_request && verdict.reason.is_none()).then_some((port, allowed)));
         Ok(())
     }
 }

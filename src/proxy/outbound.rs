@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::balance::{self, Candidate, InFlight, Outcome};
 use super::detect::Protocol;
 use super::http::{Refused, Route, Routed};
+use super::memo::Memo;
 use super::metrics::{ConnectionLabels, OpenConnection};
 use super::tcp::{Counted, splice};
 use super::transport::Header;
@@ -211,15 +212,8 @@ fn resolve_in(proxy: &Proxy, snapshot: &Snapshot, destination: &Destination) -> 
 /// connection usually talks to one service.
 struct RequestResolver {
     destination: Destination,
-    last: std::sync::Mutex<Option<Remembered>>,
-}
-
-struct Remembered {
-    /// Weak, so an idle connection does not keep an old snapshot alive; never dangling, so no
-    /// later snapshot can take its address.
-    snapshot: std::sync::Weak<Snapshot>,
-    host: Option<String>,
-    destined: Destined,
+    /// The last request's Host header (for transparent connections) and its destination.
+    last: Memo<Option<String>, Destined>,
 }
 
 /// Where a request is going, as one snapshot says.
@@ -235,7 +229,7 @@ struct Destined {
 
 impl RequestResolver {
     fn new(destination: Destination) -> Self {
-        Self { destination, last: std::sync::Mutex::new(None) }
+        Self { destination, last: Memo::default() }
     }
 
     /// The snapshot it resolved against, and the destination.
@@ -246,12 +240,8 @@ impl RequestResolver {
             Destination::Addr(_) => request.host,
             Destination::Name { .. } => None,
         };
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(seen) = last.as_ref()
-            && std::ptr::eq(seen.snapshot.as_ptr(), Arc::as_ptr(&snapshot))
-            && seen.host.as_deref() == host
-        {
-            return Ok((snapshot, seen.destined.clone()));
+        if let Some(destined) = self.last.get(&snapshot, |kept| kept.as_deref() == host, Destined::clone) {
+            return Ok((snapshot, destined));
         }
         let mut resolution = resolve_in(proxy, &snapshot, &self.destination)?;
         if matches!(resolution, Resolution::Passthrough(_))
@@ -266,11 +256,7 @@ impl RequestResolver {
             Resolution::Passthrough(_) => ("unknown".into(), false),
         };
         let destined = Destined { resolution: Arc::new(resolution), authority, routed };
-        *last = Some(Remembered {
-            snapshot: Arc::downgrade(&snapshot),
-            host: host.map(str::to_owned),
-            destined: destined.clone(),
-        });
+        self.last.keep(&snapshot, Some((host.map(str::to_owned), destined.clone())));
         Ok((snapshot, destined))
     }
 

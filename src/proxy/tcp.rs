@@ -83,6 +83,15 @@ impl<S> Counted<S> {
     }
 }
 
+impl Counted<OwnedWriteHalf> {
+    /// Ends the connection with a reset rather than a FIN (once the reading half is gone too):
+    /// the peer must not take what it got for all there was.
+    pub fn reset(self) {
+        let _ = self.inner.as_ref().set_zero_linger();
+        self.inner.forget();
+    }
+}
+
 impl Counted<tokio::net::TcpStream> {
     /// The reading and the writing half, each counted as the whole was, with one activity clock.
     pub fn into_split(self) -> (Counted<OwnedReadHalf>, Counted<OwnedWriteHalf>) {

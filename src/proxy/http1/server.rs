@@ -3,16 +3,19 @@
 //! hyper's server runs a dispatcher per connection and passes request bodies through a channel.
 //! Here the connection's task reads a request head, calls the service, and writes the response
 //! itself. A request body reads from the socket as it is polled, then hands the reading half
-//! back ([`RequestBody`]); the response goes out while it is still being read (an echo). Pipelined
+//! back ([`ClientBody`]); the response goes out while it is still being read (an echo). Pipelined
 //! requests are served one after another.
 //!
 //! Framing follows RFC 9112. A request body is delimited by chunked coding or by Content-Length.
 //! A request that could be read two ways is refused with 400 and the connection closed: both
 //! headers, differing lengths, chunked not last, Transfer-Encoding in HTTP/1.0. Another transfer
 //! coding gets 501. A response goes with Content-Length when its length is known, else chunked
-//! (to HTTP/1.0 clients: until the connection closes). Trailers go only to a client that said
-//! `TE: trailers`. `Expect: 100-continue` is answered before the service is called, unless
-//! part of the body has already arrived.
+//! (to HTTP/1.0 clients: until the connection closes, reset if the body breaks off). Trailers go
+//! only to a client that said `TE: trailers`. `Expect: 100-continue` is answered before the
+//! service is called, unless part of the body has already arrived. A client that closes its
+//! connection while its request is served cancels the request (as hyper's server does; a
+//! half-closed client is taken to be gone). CONNECT is refused (501): tunnels are carried as
+//! opaque TCP, never by this server.
 
 use std::fmt::Write as _;
 use std::future::{Future, poll_fn};
@@ -122,6 +125,9 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Rejectio
     let bad = |reason| reject(StatusCode::BAD_REQUEST, reason);
     let method = request.method.map(|m| Method::from_bytes(m.as_bytes()));
     let method = method.and_then(Result::ok).ok_or(bad("the request method is invalid"))?;
+    if method == Method::CONNECT {
+        return Err(reject(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported here"));
+    }
     let version = if request.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // The target and the header values become slices of the head as received, not copies.
     let base = buf.as_ptr() as usize;
@@ -138,19 +144,29 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Rejectio
         fields.push((name, range(line.value)));
     }
     let body = facts.framing(version)?;
-    match facts.hosts {
-        0 if version == Version::HTTP_11 => return Err(bad("an HTTP/1.1 request needs a Host header")),
-        0 | 1 => {}
-        _ => return Err(bad("the request has more than one Host header")),
-    }
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| bad("the request target is invalid"))?;
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // An absolute-form target names the host itself, and its authority wins over the Host
+    // header (RFC 9112, 3.2.2): routing, authorization and the peer all see the same one.
+    let named = uri.authority().map(|a| HeaderValue::from_str(a.as_str()));
+    match (facts.hosts, &named) {
+        (_, Some(_)) if uri.authority().is_some_and(|a| a.as_str().contains('@')) => {
+            return Err(bad("the request target has user information"));
+        }
+        (_, Some(Err(_))) => return Err(bad("the request target is invalid")),
+        (0, None) if version == Version::HTTP_11 => return Err(bad("an HTTP/1.1 request needs a Host header")),
+        (2.., _) => return Err(bad("the request has more than one Host header")),
+        _ => {}
+    }
+    let mut headers = HeaderMap::with_capacity(fields.len() + usize::from(facts.hosts == 0));
     for (name, range) in fields {
         let value = HeaderValue::from_maybe_shared(head.slice(range)).map_err(|_| bad("a header value is invalid"))?;
         headers.append(name, value);
     }
-    let keep_alive = if version == Version::HTTP_10 { facts.keep_alive } else { !facts.close };
+    if let Some(Ok(authority)) = named {
+        headers.insert(HOST, authority);
+    }
+    let keep_alive = if version == Version::HTTP_10 { facts.keep_alive && !facts.close } else { !facts.close };
     let expects_continue = version == Version::HTTP_11 && facts.expects_continue;
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
@@ -167,8 +183,9 @@ struct Facts {
     hosts: usize,
     /// The Content-Length, once one was seen (every value must agree).
     length: Option<u64>,
-    /// Transfer-Encoding was present, with these codings.
+    /// Transfer-Encoding was present.
     encoded: bool,
+    /// How many transfer codings it lists, and how many of them are chunked.
     codings: usize,
     chunked: usize,
     last_chunked: bool,
@@ -264,11 +281,12 @@ impl Reader {
     }
 }
 
-/// A request body, read from the client connection as it is polled. Read to its end, it gives
+/// A request body, read from the client connection as it is polled (hyper's `Incoming` for this
+/// server). Read to its end, it gives
 /// the connection's reading half back for the next request; dropped before that, the connection
 /// closes after the response.
 #[derive(Debug)]
-pub struct RequestBody {
+pub struct ClientBody {
     /// `None` for a request without a body, and once the body is complete.
     reading: Option<Reading>,
 }
@@ -287,7 +305,7 @@ enum Framing {
     Chunked(Chunk),
 }
 
-impl RequestBody {
+impl ClientBody {
     const EMPTY: Self = Self { reading: None };
 
     /// The body is complete: the reading half goes back to the connection.
@@ -303,7 +321,7 @@ impl RequestBody {
     }
 }
 
-impl hyper::body::Body for RequestBody {
+impl hyper::body::Body for ClientBody {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -343,6 +361,11 @@ impl hyper::body::Body for RequestBody {
                 },
                 Framing::Length(_) => {}
             }
+            // The connection ended without this body (its client left, or it was cut): nothing
+            // more of it can come.
+            if reading.back.poll_closed(cx).is_ready() {
+                return this.fail("the client connection was closed".into());
+            }
             match ready!(reading.reader.poll_fill(cx)) {
                 Ok(0) => return this.fail("the client closed the connection in the middle of the request body".into()),
                 Ok(_) => {}
@@ -368,7 +391,7 @@ impl hyper::body::Body for RequestBody {
 /// response ends it, or `stop` is asked. `clock` hears when each head starts and ends.
 pub async fn serve<F, Fut>(io: Counted<TcpStream>, clock: &HeadClock, stop: &Stop, mut service: F) -> io::Result<()>
 where
-    F: FnMut(Request<RequestBody>) -> Fut,
+    F: FnMut(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
     let (read, mut write) = io.into_split();
@@ -398,9 +421,9 @@ where
         };
         clock.head_complete();
         let RequestHead { parts, body: framing, keep_alive, expects_continue, takes_trailers } = head;
-        let exchange = Exchange { head: parts.method == Method::HEAD, version: parts.version, takes_trailers };
+        let exchange = Exchange { is_head: parts.method == Method::HEAD, version: parts.version, takes_trailers };
         let (body, mut held) = match framing {
-            BodyFraming::Length(0) => (RequestBody::EMPTY, Held::Here(reader)),
+            BodyFraming::Length(0) => (ClientBody::EMPTY, Held::Here(reader)),
             BodyFraming::Length(_) | BodyFraming::Chunked => {
                 if expects_continue && reader.buf.is_empty() {
                     write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
@@ -410,10 +433,18 @@ where
                     BodyFraming::Chunked => Framing::Chunked(Chunk::Size),
                 };
                 let (back, returned) = oneshot::channel();
-                (RequestBody { reading: Some(Reading { reader, framing, back }) }, Held::Lent(returned))
+                (ClientBody { reading: Some(Reading { reader, framing, back }) }, Held::Lent(returned))
             }
         };
-        let response = service(Request::from_parts(parts, body)).await;
+        let pending = service(Request::from_parts(parts, body));
+        let response = match &mut held {
+            Held::Here(reader) => match until_gone(pending, reader).await {
+                Some(response) => response,
+                // The client left: its request went with it.
+                None => return Ok(()),
+            },
+            Held::Lent(_) => pending.await,
+        };
         let mut keep = keep_alive && !stop.asked();
         if let Held::Lent(returned) = &mut held {
             match returned.try_recv() {
@@ -423,7 +454,14 @@ where
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
         }
-        let keep = write_response(&mut write, &mut out, response, exchange, keep).await?;
+        let keep = match write_response(&mut write, &mut out, response, exchange, keep).await? {
+            After::Next => true,
+            After::Close => false,
+            After::Reset => {
+                write.reset();
+                return Ok(());
+            }
+        };
         reader = match held {
             Held::Here(reader) => reader,
             // The body may still be read after the response (a backend that answered early).
@@ -447,6 +485,23 @@ where
     }
 }
 
+/// `pending` to its end, unless the client closes the connection first (`None`). Bytes that
+/// arrive meanwhile (the next request, pipelined) are kept, up to a head's worth.
+async fn until_gone<T>(pending: impl Future<Output = T>, reader: &mut Reader) -> Option<T> {
+    let mut pending = std::pin::pin!(pending);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut pending => return Some(done),
+            read = reader.fill(), if reader.buf.len() < MAX_HEAD => {
+                if !matches!(read, Ok(1..)) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Where the connection's reading half is while a request is served.
 enum Held {
     Here(Reader),
@@ -457,55 +512,79 @@ enum Held {
 /// What the response depends on of its request.
 #[derive(Debug, Clone, Copy)]
 struct Exchange {
-    head: bool,
+    is_head: bool,
     version: Version,
     takes_trailers: bool,
 }
 
-/// Writes the response and reports whether the connection can carry another request: `keep`,
-/// unless the response had to be delimited by closing, or its body broke off.
+/// How a response body goes to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outgoing {
+    /// This many bytes still to go.
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client and a body of unknown length).
+    Close,
+}
+
+/// What becomes of the connection after a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// It carries the next request.
+    Next,
+    Close,
+    /// It is reset: the client must not take what it got for all of the response.
+    Reset,
+}
+
+impl After {
+    fn from_keep(keep: bool) -> Self {
+        if keep { After::Next } else { After::Close }
+    }
+}
+
+/// Writes the response and says what becomes of the connection: `keep` decides, unless the
+/// response had to be delimited by closing, or its body broke off.
 async fn write_response(
     write: &mut Counted<OwnedWriteHalf>,
     out: &mut BytesMut,
     response: Response<Body>,
     exchange: Exchange,
     mut keep: bool,
-) -> io::Result<bool> {
-    let (parts, mut body) = response.into_parts();
+) -> io::Result<After> {
+    let (mut parts, mut body) = response.into_parts();
     let status = parts.status;
-    // Upgrades are carried as opaque connections before any server sees them; a 101 that comes
-    // anyway cannot be followed here.
-    keep &= !status.is_informational();
-    let bodiless = exchange.head
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let framing = if bodiless {
+    if status.is_informational() {
+        // Upgrades are carried as opaque connections before any server sees them: an interim
+        // status as the final answer (a backend's 101) cannot be followed here.
+        write_rejection(out, reject(StatusCode::BAD_GATEWAY, "the backend answered with an interim status"));
+        flush(write, out).await?;
+        return Ok(After::Close);
+    }
+    let bodiless = exchange.is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let outgoing = if bodiless {
         None
     } else if let Some(length) = body.size_hint().exact() {
-        Some(Framing::Length(length))
+        Some(Outgoing::Length(length))
     } else if exchange.version == Version::HTTP_11 {
-        Some(Framing::Chunked(Chunk::Size))
+        Some(Outgoing::Chunked)
     } else {
-        // An HTTP/1.0 client learns where the body ends from the connection's end.
         keep = false;
-        None
+        Some(Outgoing::Close)
     };
+    if parts.headers.iter().any(|(name, _)| name == CONNECTION) {
+        crate::proxy::http::remove_connection_headers(&mut parts.headers);
+    }
     // A HEAD or 304 response keeps the length its body would have had.
     let keep_length = bodiless && status != StatusCode::NO_CONTENT;
-    encode_head(out, &parts, framing, keep_length, keep, exchange.version);
-    let Some(mut framing) = framing else {
-        if !bodiless {
-            // Close-delimited: the body follows as it is.
-            return stream_close_delimited(write, out, body).await.map(|()| false);
-        }
-        write.write_all(out).await?;
-        out.clear();
-        return Ok(keep);
+    encode_head(out, &parts, outgoing, keep_length, keep, exchange.version);
+    let Some(mut outgoing) = outgoing else {
+        flush(write, out).await?;
+        return Ok(After::from_keep(keep));
     };
     let mut trailers = None;
     loop {
-        if let Framing::Length(0) = framing {
+        if outgoing == Outgoing::Length(0) {
             break;
         }
         let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
@@ -515,40 +594,26 @@ async fn write_response(
                 body.frame().await
             }
         };
-        match frame {
+        let data = match frame {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => match &mut framing {
-                    Framing::Length(left) => {
-                        if data.len() as u64 > *left {
-                            // More than it announced: what was announced goes, then the end.
-                            out.extend_from_slice(&data[..*left as usize]);
-                            flush(write, out).await?;
-                            return Ok(false);
-                        }
-                        *left -= data.len() as u64;
-                        out.extend_from_slice(&data);
-                    }
-                    Framing::Chunked(_) => {
-                        if !data.is_empty() {
-                            let _ = write!(out, "{:x}\r\n", data.len());
-                            out.extend_from_slice(&data);
-                            out.extend_from_slice(b"\r\n");
-                        }
-                    }
-                },
-                Err(frame) => trailers = frame.into_trailers().ok().filter(|_| exchange.takes_trailers),
-            },
-            Some(Err(_)) => {
-                // The response broke off: the client sees it cut short, not complete.
-                flush(write, out).await?;
-                return Ok(false);
-            }
-            None => {
-                if let Framing::Length(_) = framing {
-                    // Shorter than it announced: the client is waiting for the rest.
-                    flush(write, out).await?;
-                    return Ok(false);
+                Ok(data) => data,
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok().filter(|_| exchange.takes_trailers);
+                    continue;
                 }
+            },
+            Some(Err(_)) if outgoing == Outgoing::Close => {
+                // Nothing else tells this client that the body broke off.
+                flush(write, out).await?;
+                return Ok(After::Reset);
+            }
+            Some(Err(_)) => {
+                // The client sees the body cut short (no last chunk, or fewer bytes than
+                // announced), not complete.
+                flush(write, out).await?;
+                return Ok(After::Close);
+            }
+            None if outgoing == Outgoing::Chunked => {
                 out.extend_from_slice(b"0\r\n");
                 for (name, value) in trailers.iter().flatten() {
                     put_field(out, name, value);
@@ -556,31 +621,53 @@ async fn write_response(
                 out.extend_from_slice(b"\r\n");
                 break;
             }
-        }
-        if out.len() >= WRITE_SIZE {
-            flush(write, out).await?;
-        }
+            None if outgoing == Outgoing::Close => break,
+            None => {
+                // Shorter than it announced: the client is waiting for the rest.
+                flush(write, out).await?;
+                return Ok(After::Close);
+            }
+        };
+        let data = match &mut outgoing {
+            Outgoing::Length(left) if data.len() as u64 > *left => {
+                // More than it announced: what was announced goes, then the end.
+                let announced = usize::try_from(*left).unwrap_or(usize::MAX);
+                put_data(write, out, &data[..announced]).await?;
+                flush(write, out).await?;
+                return Ok(After::Close);
+            }
+            Outgoing::Length(left) => {
+                *left -= data.len() as u64;
+                data
+            }
+            Outgoing::Chunked if data.is_empty() => continue,
+            Outgoing::Chunked => {
+                put_hex(out, data.len());
+                out.extend_from_slice(b"\r\n");
+                put_data(write, out, &data).await?;
+                out.extend_from_slice(b"\r\n");
+                continue;
+            }
+            Outgoing::Close => data,
+        };
+        put_data(write, out, &data).await?;
     }
     flush(write, out).await?;
-    Ok(keep)
+    if out.capacity() > 2 * WRITE_SIZE {
+        // A large head or frame does not stay with the connection.
+        *out = BytesMut::new();
+    }
+    Ok(After::from_keep(keep && outgoing != Outgoing::Close))
 }
 
-/// Writes the head in `out`, then the body as it comes, for a client that reads to the end of
-/// the connection.
-async fn stream_close_delimited(
-    write: &mut Counted<OwnedWriteHalf>,
-    out: &mut BytesMut,
-    mut body: Body,
-) -> io::Result<()> {
-    flush(write, out).await?;
-    while let Some(frame) = body.frame().await {
-        match frame.map(Frame::into_data) {
-            Ok(Ok(data)) => write.write_all(&data).await?,
-            Ok(Err(_trailers)) => {}
-            Err(_) => break,
-        }
+/// Appends `data` to `out`, or writes both out at once when that makes them large.
+async fn put_data(write: &mut Counted<OwnedWriteHalf>, out: &mut BytesMut, data: &[u8]) -> io::Result<()> {
+    if out.len() + data.len() < WRITE_SIZE {
+        out.extend_from_slice(data);
+        return Ok(());
     }
-    Ok(())
+    flush(write, out).await?;
+    write.write_all(data).await
 }
 
 async fn flush(write: &mut Counted<OwnedWriteHalf>, out: &mut BytesMut) -> io::Result<()> {
@@ -604,7 +691,7 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 fn encode_head(
     out: &mut BytesMut,
     parts: &http::response::Parts,
-    framing: Option<Framing>,
+    outgoing: Option<Outgoing>,
     keep_length: bool,
     keep: bool,
     version: Version,
@@ -627,18 +714,16 @@ fn encode_head(
         put_field(out, name, value);
     }
     if !dated {
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_date(out);
     }
-    match framing {
-        Some(Framing::Length(length)) => {
+    match outgoing {
+        Some(Outgoing::Length(length)) => {
             out.extend_from_slice(b"content-length: ");
             put_decimal(out, length);
             out.extend_from_slice(b"\r\n");
         }
-        Some(Framing::Chunked(_)) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        None => {}
+        Some(Outgoing::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Some(Outgoing::Close) | None => {}
     }
     if !keep {
         out.extend_from_slice(b"connection: close\r\n");
@@ -646,6 +731,25 @@ fn encode_head(
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// A Date header for a response that came without one (a proxy with a clock adds it, RFC 9110
+/// 6.6.1), formatted once a second per thread.
+fn put_date(out: &mut BytesMut) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            *cached = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
 }
 
 /// Writes `n` in decimal (without the formatting machinery, which costs several times more).
@@ -656,6 +760,21 @@ fn put_decimal(out: &mut BytesMut, mut n: u64) {
         start -= 1;
         digits[start] = b'0' + (n % 10) as u8;
         n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// Writes `n` in hexadecimal (a chunk size).
+fn put_hex(out: &mut BytesMut, mut n: usize) {
+    let mut digits = [0u8; 16];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789abcdef"[n % 16];
+        n /= 16;
         if n == 0 {
             break;
         }

@@ -13,7 +13,7 @@ use super::*;
 use crate::proxy::http::boxed;
 
 /// Answers with what it received: method, target, version, body length and its `x-sum` trailer.
-async fn echo(request: Request<RequestBody>) -> Response<Body> {
+async fn echo(request: Request<ClientBody>) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let text = match body.collect().await {
         Ok(collected) => {
@@ -36,7 +36,7 @@ async fn echo(request: Request<RequestBody>) -> Response<Body> {
 /// A server for one connection at a time, serving with `service`; counts the requests served.
 async fn server<F, Fut>(service: F) -> (SocketAddr, Arc<Stop>, Arc<AtomicUsize>)
 where
-    F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<ClientBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -145,6 +145,8 @@ fn requests_that_could_be_read_two_ways_or_not_at_all_are_refused() {
         ("GET / HTTP/1.1\r\nHost: a\r\nx-folded: a\r\n b\r\n\r\n".into(), StatusCode::BAD_REQUEST),
         ("G\tT / HTTP/1.1\r\nHost: a\r\n\r\n".into(), StatusCode::BAD_REQUEST),
         ("GET / HTTP/1.2\r\nHost: a\r\n\r\n".into(), StatusCode::BAD_REQUEST),
+        ("GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n".into(), StatusCode::BAD_REQUEST),
+        ("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n".into(), StatusCode::NOT_IMPLEMENTED),
         (format!("GET / HTTP/1.1\r\nHost: a\r\n{many_fields}\r\n"), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
         (format!("GET / HTTP/1.1\r\nHost: a\r\n{long_field}\r\n"), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
     ];
@@ -163,6 +165,15 @@ fn requests_that_could_be_read_two_ways_or_not_at_all_are_refused() {
         let head = parse_request(&mut BytesMut::from(request.as_bytes())).unwrap().unwrap();
         assert_eq!(head.body, framing, "{request:?}");
     }
+    // The target's authority wins over the Host header, and stands in for a missing one.
+    for request in
+        ["GET http://api.shop:8080/x HTTP/1.1\r\nHost: other\r\n\r\n", "GET http://api.shop:8080/x HTTP/1.1\r\n\r\n"]
+    {
+        let head = parse_request(&mut BytesMut::from(request)).unwrap().unwrap();
+        assert_eq!(head.parts.headers.get_all(HOST).iter().collect::<Vec<_>>(), ["api.shop:8080"], "{request:?}");
+    }
+    let close = parse_request(&mut BytesMut::from("GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n"));
+    assert!(!close.unwrap().unwrap().keep_alive, "close wins over keep-alive");
 }
 
 #[tokio::test]
@@ -194,7 +205,7 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
 }
 
 /// Answers with two data frames of unknown length and a trailer.
-async fn streamed(_: Request<RequestBody>) -> Response<Body> {
+async fn streamed(_: Request<ClientBody>) -> Response<Body> {
     let mut trailers = HeaderMap::new();
     trailers.insert("x-sum", HeaderValue::from_static("9"));
     let frames = [
@@ -230,7 +241,7 @@ async fn a_body_of_unknown_length_is_chunked_or_delimited_by_the_close() {
 }
 
 /// Answers HEAD and `/none` without a body; `Content-Length: 10` on both.
-async fn bodiless(request: Request<RequestBody>) -> Response<Body> {
+async fn bodiless(request: Request<ClientBody>) -> Response<Body> {
     let mut response = Response::new(boxed(Full::new(Bytes::new())));
     if request.uri().path() == "/none" {
         *response.status_mut() = StatusCode::NO_CONTENT;
@@ -266,10 +277,78 @@ async fn a_body_the_service_leaves_unread_ends_the_connection_after_the_answer()
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_cancels_its_request() {
+    struct Dropped(Arc<AtomicUsize>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&dropped);
+    let never = move |_: Request<ClientBody>| {
+        let guard = Dropped(Arc::clone(&counter));
+        async move {
+            std::future::pending::<()>().await;
+            drop(guard);
+            Response::new(boxed(Full::new(Bytes::new())))
+        }
+    };
+    let (addr, _, served) = server(never).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    while served.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(dropped.load(Ordering::SeqCst), 0);
+    drop(stream);
+    for _ in 0..200 {
+        if dropped.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the request was still being served after its client left");
+}
+
+/// Answers with a body of unknown length that breaks off after its first bytes, and a header
+/// its `Connection` header names.
+async fn broken(_: Request<ClientBody>) -> Response<Body> {
+    let frames: [Result<Frame<Bytes>, std::io::Error>; 2] =
+        [Ok(Frame::data(Bytes::from_static(b"partial"))), Err(std::io::Error::other("the backend went away"))];
+    let mut response = Response::new(boxed(StreamBody::new(futures::stream::iter(frames))));
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("x-hop"));
+    response.headers_mut().insert("x-hop", HeaderValue::from_static("1"));
+    response.headers_mut().insert("x-end", HeaderValue::from_static("1"));
+    response
+}
+
+#[tokio::test]
+async fn a_body_that_breaks_off_is_not_passed_off_as_complete() {
+    let (addr, _, _) = server(broken).await;
+    let answer = exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("x-end: 1") && !head.contains("x-hop"), "headers named by Connection are dropped:\n{head}");
+    assert_eq!(body, "7\r\npartial\r\n", "no last chunk");
+
+    // An HTTP/1.0 client reads to the end of the connection: it is reset instead.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received)).await.unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+}
+
+#[tokio::test]
 async fn a_stop_closes_an_idle_connection_at_once_and_a_busy_one_after_its_answer() {
     let release = Arc::new(Notify::new());
     let waiting = Arc::clone(&release);
-    let slow = move |request: Request<RequestBody>| {
+    let slow = move |request: Request<ClientBody>| {
         let waiting = Arc::clone(&waiting);
         async move {
             waiting.notified().await;
