@@ -23,6 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::task::AtomicWaker;
@@ -295,7 +296,8 @@ pub struct ClientBody {
 struct Reading {
     reader: Reader,
     framing: Framing,
-    back: oneshot::Sender<Reader>,
+    /// Takes the reading half back, and whether the body was read to its end.
+    back: oneshot::Sender<(Reader, bool)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -311,13 +313,23 @@ impl ClientBody {
     /// The body is complete: the reading half goes back to the connection.
     fn finish(&mut self) {
         if let Some(reading) = self.reading.take() {
-            let _ = reading.back.send(reading.reader);
+            let _ = reading.back.send((reading.reader, true));
         }
     }
 
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.reading = None;
         Poll::Ready(Some(Err(BodyError(reason))))
+    }
+}
+
+impl Drop for ClientBody {
+    /// Left unread, the body still hands the reading half back: the connection reads off what
+    /// the client sends of it while it closes.
+    fn drop(&mut self) {
+        if let Some(reading) = self.reading.take() {
+            let _ = reading.back.send((reading.reader, false));
+        }
     }
 }
 
@@ -405,7 +417,7 @@ where
                 Err(rejection) => {
                     write_rejection(&mut out, rejection);
                     write.write_all(&out).await?;
-                    return write.shutdown().await;
+                    return close(write, Some(reader)).await;
                 }
             }
             let read = tokio::select! {
@@ -446,10 +458,14 @@ where
             Held::Lent(_) => pending.await,
         };
         let mut keep = keep_alive && !stop.asked();
+        let mut unread = false;
         if let Held::Lent(returned) = &mut held {
             match returned.try_recv() {
-                Ok(reader) => held = Held::Here(reader),
-                // Left unread: where the next request starts is not known.
+                Ok((reader, complete)) => {
+                    // Left unread: where the next request starts is not known.
+                    (keep, unread) = (keep && complete, !complete);
+                    held = Held::Here(reader);
+                }
                 Err(oneshot::error::TryRecvError::Closed) => keep = false,
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
@@ -467,7 +483,8 @@ where
             // The body may still be read after the response (a backend that answered early).
             Held::Lent(returned) if keep => tokio::select! {
                 returned = returned => match returned {
-                    Ok(reader) => reader,
+                    Ok((reader, true)) => reader,
+                    Ok((reader, false)) => return close(write, Some(reader)).await,
                     Err(_) => return write.shutdown().await,
                 },
                 () = stop.wait() => return write.shutdown().await,
@@ -476,13 +493,40 @@ where
         };
         clock.request_done();
         if !keep {
-            return write.shutdown().await;
+            // Bytes the client sent that will not be served are read off while closing.
+            let unserved = unread || !reader.buf.is_empty();
+            return close(write, unserved.then_some(reader)).await;
         }
         if !reader.buf.is_empty() {
             // The next request's first bytes came with this one: its head is pending already.
             clock.arrived();
         }
     }
+}
+
+/// How long a closing connection goes on reading off what its client still sends, and how much.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Closes the connection: the writing side at once, then, with `unserved`'s reader, what the
+/// client still sends is read and dropped for a while (up to [`LINGER`] or [`LINGER_BYTES`]).
+/// Closed with unread bytes, the connection would be reset, and a reset can destroy the last
+/// answer before the client has read it (RFC 9112, 9.6).
+async fn close(mut write: Counted<OwnedWriteHalf>, unserved: Option<Reader>) -> io::Result<()> {
+    write.shutdown().await?;
+    let Some(mut reader) = unserved else { return Ok(()) };
+    let drain = async {
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            reader.buf.clear();
+            match reader.fill().await {
+                Ok(n @ 1..) => read += n,
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+    Ok(())
 }
 
 /// `pending` to its end, unless the client closes the connection first (`None`). Bytes that
@@ -505,8 +549,9 @@ async fn until_gone<T>(pending: impl Future<Output = T>, reader: &mut Reader) ->
 /// Where the connection's reading half is while a request is served.
 enum Held {
     Here(Reader),
-    /// With the request body, which sends it back once read to its end.
-    Lent(oneshot::Receiver<Reader>),
+    /// With the request body, which sends it back when it is read to its end (`true`) or
+    /// dropped.
+    Lent(oneshot::Receiver<(Reader, bool)>),
 }
 
 /// What the response depends on of its request.
