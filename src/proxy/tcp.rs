@@ -81,6 +81,11 @@ impl<S> Counted<S> {
     pub fn activity(&self) -> Activity {
         self.activity.clone()
     }
+
+    /// The stream inside.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl Counted<OwnedWriteHalf> {

@@ -448,9 +448,10 @@ where
                 (ClientBody { reading: Some(Reading { reader, framing, back }) }, Held::Lent(returned))
             }
         };
-        let pending = service(Request::from_parts(parts, body));
+        // Pinned where it is made: the service's future is large, and moving it costs.
+        let mut pending = std::pin::pin!(service(Request::from_parts(parts, body)));
         let response = match &mut held {
-            Held::Here(reader) => match until_gone(pending, reader).await {
+            Held::Here(reader) => match until_gone(pending.as_mut(), reader).await {
                 Some(response) => response,
                 // The client left: its request went with it.
                 None => return Ok(()),
@@ -530,20 +531,23 @@ async fn close(mut write: Counted<OwnedWriteHalf>, unserved: Option<Reader>) -> 
 }
 
 /// `pending` to its end, unless the client closes the connection first (`None`). Bytes that
-/// arrive meanwhile (the next request, pipelined) are kept, up to a head's worth.
-async fn until_gone<T>(pending: impl Future<Output = T>, reader: &mut Reader) -> Option<T> {
-    let mut pending = std::pin::pin!(pending);
-    loop {
-        tokio::select! {
-            biased;
-            done = &mut pending => return Some(done),
-            read = reader.fill(), if reader.buf.len() < MAX_HEAD => {
-                if !matches!(read, Ok(1..)) {
-                    return None;
-                }
+/// arrive meanwhile (the next request, pipelined) are kept, up to a head's worth. The socket is
+/// read only once the runtime saw it turn readable: watching it costs no system call.
+async fn until_gone<F: Future>(mut pending: Pin<&mut F>, reader: &mut Reader) -> Option<F::Output> {
+    poll_fn(|cx| {
+        if let Poll::Ready(done) = pending.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        while reader.buf.len() < MAX_HEAD && reader.io.get_ref().as_ref().poll_read_ready(cx).is_ready() {
+            match reader.poll_fill(cx) {
+                Poll::Ready(Ok(1..)) => {}
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                Poll::Pending => break,
             }
         }
-    }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Where the connection's reading half is while a request is served.
