@@ -322,6 +322,7 @@ where
     let mut head_overdue = std::pin::pin!(head_overdue);
     loop {
         tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 return result.map_err(|e| Error::Io(std::io::Error::other(e.to_string())));
             }
@@ -342,10 +343,13 @@ where
                 }
                 closing = true;
                 shutdown(connection.as_mut());
+                // Its second idle period starts now.
+                activity.touch();
             }
             () = drain.signaled(), if !closing => {
                 closing = true;
                 shutdown(connection.as_mut());
+                activity.touch();
             }
         }
     }
@@ -902,6 +906,24 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_asked_to_close_is_cut_only_after_a_second_idle_period() {
+        let (_signal, watch) = drain::channel();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let idle = Duration::from_millis(300);
+        let started = Instant::now();
+        let never = std::future::pending::<Result<(), std::io::Error>>();
+        let ask = |_: Pin<&mut _>| {
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        };
+        let cut = drive(never, ask, Activity::new(), idle, None, watch).await;
+        let took = started.elapsed();
+        assert!(matches!(cut, Err(Error::Io(ref e)) if e.kind() == std::io::ErrorKind::TimedOut), "{cut:?}");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "asked to close once");
+        let early = idle * 2 - Duration::from_millis(30);
+        assert!(took >= early && took < idle * 2 + Duration::from_secs(1), "cut after {took:?}");
+    }
 
     /// Every key in one bucket: a lookup can only tell keys apart by comparing them.
     #[derive(Default)]

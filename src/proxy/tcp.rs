@@ -29,7 +29,8 @@ impl Activity {
         Self { last_ms: Arc::new(AtomicU64::new(coarse_ms())) }
     }
 
-    fn touch(&self) {
+    /// Marks that something moved now.
+    pub(super) fn touch(&self) {
         self.last_ms.store(coarse_ms(), Ordering::Relaxed);
     }
 

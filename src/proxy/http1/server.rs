@@ -8,14 +8,16 @@
 //!
 //! Framing follows RFC 9112. A request body is delimited by chunked coding or by Content-Length.
 //! A request that could be read two ways is refused with 400 and the connection closed: both
-//! headers, differing lengths, chunked not last, Transfer-Encoding in HTTP/1.0. Another transfer
-//! coding gets 501. A response goes with Content-Length when its length is known, else chunked
+//! headers, differing lengths, chunked not last or twice, Transfer-Encoding in HTTP/1.0. Another
+//! transfer coding before chunked gets 501. A response goes with Content-Length when its length is known, else chunked
 //! (to HTTP/1.0 clients: until the connection closes, reset if the body breaks off). Trailers go
 //! only to a client that said `TE: trailers`. `Expect: 100-continue` is answered before the
 //! service is called, unless part of the body has already arrived. A client that closes its
 //! connection while its request is served cancels the request (as hyper's server does; a
-//! half-closed client is taken to be gone). CONNECT is refused (501): tunnels are carried as
-//! opaque TCP, never by this server.
+//! half-closed client is taken to be gone). A connection that closes with bytes it will not serve
+//! reads them off first, for a while ([`close`]). CONNECT is refused (501): tunnels are carried
+//! as opaque TCP, never by this server. An absolute-form target's authority replaces the Host
+//! header (RFC 9112, 3.2.2).
 
 use std::fmt::Write as _;
 use std::future::{Future, poll_fn};
@@ -450,27 +452,36 @@ where
         };
         // Pinned where it is made: the service's future is large, and moving it costs.
         let mut pending = std::pin::pin!(service(Request::from_parts(parts, body)));
-        let response = match &mut held {
-            Held::Here(reader) => match until_gone(pending.as_mut(), reader).await {
-                Some(response) => response,
-                // The client left: its request went with it.
-                None => return Ok(()),
-            },
-            Held::Lent(_) => pending.await,
-        };
-        let mut keep = keep_alive && !stop.asked();
+        // A body left unread: where the next request starts is not known.
         let mut unread = false;
+        let response = loop {
+            match &mut held {
+                Held::Here(reader) => match until_gone(pending.as_mut(), reader).await {
+                    Some(response) => break response,
+                    // The client left: its request went with it.
+                    None => return Ok(()),
+                },
+                // While the body reads the connection, the body notices a client that leaves;
+                // once it is back, the connection watches again.
+                Held::Lent(returned) => tokio::select! {
+                    biased;
+                    response = pending.as_mut() => break response,
+                    back = returned => match back {
+                        Ok((reader, complete)) => (held, unread) = (Held::Here(reader), !complete),
+                        Err(_) => held = Held::Lost,
+                    },
+                },
+                Held::Lost => break pending.as_mut().await,
+            }
+        };
         if let Held::Lent(returned) = &mut held {
             match returned.try_recv() {
-                Ok((reader, complete)) => {
-                    // Left unread: where the next request starts is not known.
-                    (keep, unread) = (keep && complete, !complete);
-                    held = Held::Here(reader);
-                }
-                Err(oneshot::error::TryRecvError::Closed) => keep = false,
+                Ok((reader, complete)) => (held, unread) = (Held::Here(reader), !complete),
+                Err(oneshot::error::TryRecvError::Closed) => held = Held::Lost,
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
         }
+        let keep = keep_alive && !stop.asked() && !unread && !matches!(held, Held::Lost);
         let keep = match write_response(&mut write, &mut out, response, exchange, keep).await? {
             After::Next => true,
             After::Close => false,
@@ -490,7 +501,11 @@ where
                 },
                 () = stop.wait() => return write.shutdown().await,
             },
-            Held::Lent(_) => return write.shutdown().await,
+            Held::Lent(mut returned) => match returned.try_recv() {
+                Ok((reader, _)) => return close(write, Some(reader)).await,
+                Err(_) => return write.shutdown().await,
+            },
+            Held::Lost => return write.shutdown().await,
         };
         clock.request_done();
         if !keep {
@@ -556,6 +571,8 @@ enum Held {
     /// With the request body, which sends it back when it is read to its end (`true`) or
     /// dropped.
     Lent(oneshot::Receiver<(Reader, bool)>),
+    /// Gone with a body that failed (the client broke off, or the connection ended).
+    Lost,
 }
 
 /// What the response depends on of its request.

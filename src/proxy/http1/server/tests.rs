@@ -210,7 +210,7 @@ async fn streamed(_: Request<ClientBody>) -> Response<Body> {
     trailers.insert("x-sum", HeaderValue::from_static("9"));
     let frames = [
         Frame::data(Bytes::from_static(b"four")),
-        Frame::data(Bytes::from_static(b"five!")),
+        Frame::data(Bytes::from_static(b"abcdefghijklmnopqrstuvwxyz")),
         Frame::trailers(trailers),
     ];
     let body = StreamBody::new(futures::stream::iter(frames.map(Ok::<_, std::convert::Infallible>)));
@@ -229,7 +229,7 @@ async fn a_body_of_unknown_length_is_chunked_or_delimited_by_the_close() {
         head.contains("transfer-encoding: chunked") && !head.contains("content-length") && !head.contains("keep-alive"),
         "{head}"
     );
-    assert_eq!(body, "4\r\nfour\r\n5\r\nfive!\r\n0\r\nx-sum: 9\r\n\r\n");
+    assert_eq!(body, "4\r\nfour\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-sum: 9\r\n\r\n");
 
     let answer = exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
     assert!(answer.ends_with("\r\n0\r\n\r\n"), "no trailers for a client that did not ask:\n{answer}");
@@ -237,14 +237,16 @@ async fn a_body_of_unknown_length_is_chunked_or_delimited_by_the_close() {
     let answer = exchange(addr, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await;
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
     assert!(head.contains("connection: close") && !head.contains("transfer-encoding"), "{head}");
-    assert_eq!(body, "fourfive!");
+    assert_eq!(body, "fourabcdefghijklmnopqrstuvwxyz");
 }
 
-/// Answers HEAD and `/none` without a body; `Content-Length: 10` on both.
+/// Answers HEAD and `/none` without a body, `/switch` with 101; `Content-Length: 10` on all.
 async fn bodiless(request: Request<ClientBody>) -> Response<Body> {
     let mut response = Response::new(boxed(Full::new(Bytes::new())));
-    if request.uri().path() == "/none" {
-        *response.status_mut() = StatusCode::NO_CONTENT;
+    match request.uri().path() {
+        "/none" => *response.status_mut() = StatusCode::NO_CONTENT,
+        "/switch" => *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS,
+        _ => {}
     }
     response.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from_static("10"));
     response
@@ -264,6 +266,9 @@ async fn head_and_204_answers_carry_no_body_and_the_connection_goes_on() {
     );
     assert!(parts[1].starts_with("204") && !parts[1].contains("content-length"), "{}", parts[1]);
     assert!(parts[2].starts_with("200") && parts[2].contains("content-length: 0\r\n"), "{}", parts[2]);
+
+    let answer = exchange(addr, b"GET /switch HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n") && answer.contains("interim status"), "{answer}");
 }
 
 #[tokio::test]
@@ -295,20 +300,24 @@ async fn a_client_that_leaves_cancels_its_request() {
         }
     };
     let (addr, _, served) = server(never).await;
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-    while served.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(dropped.load(Ordering::SeqCst), 0);
-    drop(stream);
-    for _ in 0..200 {
-        if dropped.load(Ordering::SeqCst) == 1 {
-            return;
+    // Without a body, and with one (the service leaves it unread: the connection watches again).
+    let requests: [&[u8]; 2] =
+        [b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"];
+    for (n, request) in requests.into_iter().enumerate() {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        while served.load(Ordering::SeqCst) == n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(dropped.load(Ordering::SeqCst), n);
+        drop(stream);
+        let mut waited = 0;
+        while dropped.load(Ordering::SeqCst) == n {
+            assert!(waited < 200, "request {n} was still being served after its client left");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
     }
-    panic!("the request was still being served after its client left");
 }
 
 /// Answers with a body of unknown length that breaks off after its first bytes, and a header
