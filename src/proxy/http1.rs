@@ -187,9 +187,42 @@ fn request_framing(parts: &Parts, body: &Body) -> RequestFraming {
 }
 
 /// The request's transfer codings other than chunked.
-fn other_codings(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    let codings = headers.get_all(TRANSFER_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
-    codings.map(str::trim).filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+fn other_codings(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    field_tokens(headers, &TRANSFER_ENCODING).filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The comma-separated parts of a header value, without surrounding whitespace (RFC 9110, 5.6.1).
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// The parts of every field named `name`, in order.
+fn field_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+    headers.get_all(name).iter().flat_map(|value| tokens(value.as_bytes()))
+}
+
+/// Why a Content-Length field could not be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LengthError {
+    /// Not a list of decimal numbers.
+    Invalid,
+    /// A number unlike one given before.
+    Differing,
+}
+
+/// Takes one Content-Length field's value into `length`, what the fields before it said: a list
+/// of decimal numbers that must all agree (RFC 9110, 8.6).
+fn add_content_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), LengthError> {
+    for part in tokens(value) {
+        // `u64::from_str` also takes a leading `+`; an empty part is no number either.
+        let digits = part.iter().all(u8::is_ascii_digit).then(|| std::str::from_utf8(part).ok()).flatten();
+        let parsed = digits.and_then(|d| d.parse::<u64>().ok()).ok_or(LengthError::Invalid)?;
+        if length.is_some_and(|l| l != parsed) {
+            return Err(LengthError::Differing);
+        }
+        *length = Some(parsed);
+    }
+    Ok(())
 }
 
 /// The request line and headers. Content-Length and Transfer-Encoding are the body's own: they
@@ -221,7 +254,7 @@ fn encode_head(parts: &Parts, framing: RequestFraming, out: &mut Vec<u8>) {
         RequestFraming::Chunked => {
             out.extend_from_slice(b"transfer-encoding: ");
             for coding in other_codings(&parts.headers) {
-                out.extend_from_slice(coding.as_bytes());
+                out.extend_from_slice(coding);
                 out.extend_from_slice(b", ");
             }
             out.extend_from_slice(b"chunked\r\n");
@@ -424,17 +457,16 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
 
 /// Whether a message of `version` with `headers` leaves the connection open after the exchange.
 fn reusable(version: Version, headers: &HeaderMap) -> bool {
-    let tokens =
-        || headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim);
+    let mut options = field_tokens(headers, &CONNECTION);
     if version == Version::HTTP_10 {
-        tokens().any(|t| t.eq_ignore_ascii_case("keep-alive"))
+        options.any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
     } else {
-        !tokens().any(|t| t.eq_ignore_ascii_case("close"))
+        !options.any(|t| t.eq_ignore_ascii_case(b"close"))
     }
 }
 
-/// How a response body is delimited.
-#[derive(Debug)]
+/// How a message body is delimited, and how much of it is still to come.
+#[derive(Debug, Clone, Copy)]
 enum Framing {
     /// This many bytes still to come.
     Length(u64),
@@ -476,34 +508,20 @@ fn response_framing(
     {
         return Ok((Framing::Length(0), true));
     }
-    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let chunked = last
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let chunked =
+            field_tokens(headers, &TRANSFER_ENCODING).last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         let clean = headers.remove(CONTENT_LENGTH).is_none() && version != Version::HTTP_10;
         return Ok((if chunked { Framing::Chunked(Chunk::Size) } else { Framing::Close }, clean));
     }
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter().peekable();
-    if lengths.peek().is_none() {
-        return Ok((Framing::Close, true));
-    }
     let mut length = None;
-    for value in lengths {
-        for part in value.to_str().map_err(|_| "the backend sent an invalid Content-Length")?.split(',') {
-            let part = part.trim();
-            let parsed = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| part.parse::<u64>().ok())
-                .flatten()
-                .ok_or("the backend sent an invalid Content-Length")?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err("the backend sent differing Content-Length values".to_owned());
-            }
-            length = Some(parsed);
-        }
+    for value in headers.get_all(CONTENT_LENGTH) {
+        add_content_length(&mut length, value.as_bytes()).map_err(|e| match e {
+            LengthError::Invalid => "the backend sent an invalid Content-Length",
+            LengthError::Differing => "the backend sent differing Content-Length values",
+        })?;
     }
-    Ok((Framing::Length(length.unwrap_or(0)), true))
+    Ok((length.map_or(Framing::Close, Framing::Length), true))
 }
 
 /// A response body read from the connection as it is polled.
@@ -604,40 +622,14 @@ impl<R: Release> hyper::body::Body for ResponseBody<R> {
         }
         loop {
             let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
-            match this.framing {
-                Framing::Length(0) => {
+            match this.framing.decode(&mut conn.read, "the backend") {
+                Ok(Decoded::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(Decoded::Last(frame)) => {
                     this.finish();
-                    return Poll::Ready(None);
+                    return Poll::Ready(frame.map(Ok));
                 }
-                Framing::Length(left) if !conn.read.is_empty() => {
-                    let data = conn.read.split_to(conn.read.len().min(usize::try_from(left).unwrap_or(usize::MAX)));
-                    this.framing = Framing::Length(left - data.len() as u64);
-                    if let Framing::Length(0) = this.framing {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data.freeze()))));
-                }
-                Framing::Close if !conn.read.is_empty() => {
-                    return Poll::Ready(Some(Ok(Frame::data(conn.read.split().freeze()))));
-                }
-                Framing::Chunked(chunk) => match step_chunked(chunk, &mut conn.read, "the backend") {
-                    Ok(Step::Next(next)) => {
-                        this.framing = Framing::Chunked(next);
-                        continue;
-                    }
-                    Ok(Step::Data(data, next)) => {
-                        this.framing = Framing::Chunked(next);
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Ok(Step::End(trailers)) => {
-                        this.framing = Framing::Length(0);
-                        this.finish();
-                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
-                    }
-                    Ok(Step::More) => {}
-                    Err(reason) => return this.fail(reason),
-                },
-                Framing::Length(_) | Framing::Close => {}
+                Ok(Decoded::More) => {}
+                Err(reason) => return this.fail(reason),
             }
             match ready!(conn.poll_fill(cx)) {
                 Ok(0) if matches!(this.framing, Framing::Close) => {
@@ -667,6 +659,50 @@ impl<R: Release> hyper::body::Body for ResponseBody<R> {
             }
         }
     }
+}
+
+impl Framing {
+    /// The next part of a body so framed from the bytes read, taken off the front of `buf`;
+    /// `sender` names who sent it, for errors ("the backend", "the client"). A `Close` body
+    /// ends with its connection, which is not for this to see.
+    fn decode(&mut self, buf: &mut BytesMut, sender: &str) -> Result<Decoded, String> {
+        loop {
+            match *self {
+                Framing::Length(0) => return Ok(Decoded::Last(None)),
+                Framing::Length(_) | Framing::Close if buf.is_empty() => return Ok(Decoded::More),
+                Framing::Length(left) => {
+                    let data = buf.split_to(buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)));
+                    let left = left - data.len() as u64;
+                    *self = Framing::Length(left);
+                    let frame = Frame::data(data.freeze());
+                    return Ok(if left == 0 { Decoded::Last(Some(frame)) } else { Decoded::Frame(frame) });
+                }
+                Framing::Close => return Ok(Decoded::Frame(Frame::data(buf.split().freeze()))),
+                Framing::Chunked(chunk) => match step_chunked(chunk, buf, sender)? {
+                    Step::Next(next) => *self = Framing::Chunked(next),
+                    Step::Data(data, next) => {
+                        *self = Framing::Chunked(next);
+                        return Ok(Decoded::Frame(Frame::data(data)));
+                    }
+                    Step::End(trailers) => {
+                        *self = Framing::Length(0);
+                        return Ok(Decoded::Last(trailers.map(Frame::trailers)));
+                    }
+                    Step::More => return Ok(Decoded::More),
+                },
+            }
+        }
+    }
+}
+
+/// What the bytes read so far give of a body.
+enum Decoded {
+    /// A frame of it.
+    Frame(Frame<Bytes>),
+    /// Its end, after this last frame if there is one.
+    Last(Option<Frame<Bytes>>),
+    /// Nothing until more bytes are read.
+    More,
 }
 
 /// What one step through a chunked body found.

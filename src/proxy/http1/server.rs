@@ -39,7 +39,9 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 
-use super::{BodyError, Chunk, MAX_HEAD, MAX_HEADERS, READ_SIZE, Step, step_chunked};
+use super::{
+    BodyError, Chunk, Decoded, Framing, LengthError, MAX_HEAD, MAX_HEADERS, READ_SIZE, add_content_length, tokens,
+};
 use crate::proxy::head::HeadClock;
 use crate::proxy::http::{Body, ERROR_HEADER};
 use crate::proxy::tcp::Counted;
@@ -138,7 +140,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Rejectio
         let start = part.as_ptr() as usize - base;
         start..start + part.len()
     };
-    let target = range(request.path.unwrap_or_default().as_bytes());
+    let target = range(request.path.ok_or(bad("the request has no target"))?.as_bytes());
     let mut facts = Facts::default();
     let mut fields = Vec::with_capacity(request.headers.len());
     for line in request.headers.iter() {
@@ -204,18 +206,10 @@ impl Facts {
         if name == HOST {
             self.hosts += 1;
         } else if name == CONTENT_LENGTH {
-            for part in tokens(value) {
-                let digits = !part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit);
-                let parsed = digits.then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok()).flatten();
-                let parsed = parsed.ok_or(bad("the request's Content-Length is invalid"))?;
-                if self.length.is_some_and(|l| l != parsed) {
-                    return Err(bad("the request has differing Content-Length values"));
-                }
-                self.length = Some(parsed);
-            }
-            if self.length.is_none() {
-                return Err(bad("the request's Content-Length is invalid"));
-            }
+            add_content_length(&mut self.length, value).map_err(|e| match e {
+                LengthError::Invalid => bad("the request's Content-Length is invalid"),
+                LengthError::Differing => bad("the request has differing Content-Length values"),
+            })?;
         } else if name == TRANSFER_ENCODING {
             self.encoded = true;
             for coding in tokens(value).filter(|c| !c.is_empty()) {
@@ -260,11 +254,6 @@ impl Facts {
     }
 }
 
-/// The comma-separated parts of a header value, without surrounding whitespace.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
-}
-
 /// The reading half of a client connection and what was read from it past the current message.
 #[derive(Debug)]
 struct Reader {
@@ -302,13 +291,6 @@ struct Reading {
     back: oneshot::Sender<(Reader, bool)>,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Framing {
-    /// This many bytes still to come.
-    Length(u64),
-    Chunked(Chunk),
-}
-
 impl ClientBody {
     const EMPTY: Self = Self { reading: None };
 
@@ -343,37 +325,14 @@ impl hyper::body::Body for ClientBody {
         let this = self.get_mut();
         loop {
             let Some(reading) = this.reading.as_mut() else { return Poll::Ready(None) };
-            let buf = &mut reading.reader.buf;
-            match reading.framing {
-                Framing::Length(0) => {
+            match reading.framing.decode(&mut reading.reader.buf, "the client") {
+                Ok(Decoded::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(Decoded::Last(frame)) => {
                     this.finish();
-                    return Poll::Ready(None);
+                    return Poll::Ready(frame.map(Ok));
                 }
-                Framing::Length(left) if !buf.is_empty() => {
-                    let data = buf.split_to(buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)));
-                    reading.framing = Framing::Length(left - data.len() as u64);
-                    if let Framing::Length(0) = reading.framing {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data.freeze()))));
-                }
-                Framing::Chunked(chunk) => match step_chunked(chunk, buf, "the client") {
-                    Ok(Step::Next(next)) => {
-                        reading.framing = Framing::Chunked(next);
-                        continue;
-                    }
-                    Ok(Step::Data(data, next)) => {
-                        reading.framing = Framing::Chunked(next);
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Ok(Step::End(trailers)) => {
-                        this.finish();
-                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
-                    }
-                    Ok(Step::More) => {}
-                    Err(reason) => return this.fail(reason),
-                },
-                Framing::Length(_) => {}
+                Ok(Decoded::More) => {}
+                Err(reason) => return this.fail(reason),
             }
             // The connection ended without this body (its client left, or it was cut): nothing
             // more of it can come.

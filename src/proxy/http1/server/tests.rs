@@ -320,7 +320,53 @@ async fn a_client_that_leaves_cancels_its_request() {
     }
 }
 
-/// Answers with a body of unknown length that breaks off after its first bytes, and a header
+/// A body that announces one length and has another.
+struct Misstated {
+    announced: u64,
+    data: Option<Bytes>,
+}
+
+impl hyper::body::Body for Misstated {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.data.take().map(|data| Ok(Frame::data(data))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.announced)
+    }
+}
+
+/// Answers `/long` with 11 bytes announced as 5, `/short` with 5 announced as 20, anything
+/// else with 2 as 2.
+async fn misstated(request: Request<ClientBody>) -> Response<Body> {
+    let (announced, data) = match request.uri().path() {
+        "/long" => (5, "hello world"),
+        "/short" => (20, "hello"),
+        _ => (2, "ok"),
+    };
+    Response::new(boxed(Misstated { announced, data: Some(Bytes::from_static(data.as_bytes())) }))
+}
+
+#[tokio::test]
+async fn a_body_longer_or_shorter_than_it_announced_ends_the_connection() {
+    let (addr, _, served) = server(misstated).await;
+    for (path, body) in [("/long", "hello"), ("/short", "hello")] {
+        let requests = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+        let answers = exchange(addr, requests.as_bytes()).await;
+        let (head, sent) = answers.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {head}");
+        // Nothing past what was announced, and no answer after it: the client cannot tell
+        // where the next one would start (or, for `/short`, sees the body cut short).
+        assert_eq!(sent, body, "{path}: {answers}");
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 2, "the request after each was not served");
+    let answer = exchange(addr, b"GET /fine HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.ends_with("\r\n\r\nok"), "a truthful body is served whole:\n{answer}");
+}
+
 /// its `Connection` header names.
 async fn broken(_: Request<ClientBody>) -> Response<Body> {
     let frames: [Result<Frame<Bytes>, std::io::Error>; 2] =
