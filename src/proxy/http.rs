@@ -45,8 +45,9 @@ use crate::policy::RequestInfo;
 /// the port the connection's transport header named. (Names made at compile time: a name given
 /// as a string is parsed and checked on every use.)
 pub const TARGET_PORT_HEADER: HeaderName = HeaderName::from_static("meshkeep-target-port");
-/// Request header carrying the client's HTTP version across the HTTP/2 hop; without it, the
-/// version is HTTP/1.1 (the most common, so it goes without).
+/// Request header carrying, across the HTTP/2 hop, the HTTP version box B speaks to the
+/// workload in: the client's, unless the service port's `appProtocol` names another ([`Speaks`]).
+/// Without it, the version is HTTP/1.1 (the most common, so it goes without).
 pub const ORIGINAL_VERSION_HEADER: HeaderName = HeaderName::from_static("meshkeep-original-version");
 /// HTTP/2 PING interval on connections to peers (src/proxy/peer.rs) and to HTTP/2 backends while
 /// requests are in flight: a peer that stops answering is found out and dropped (after 20 s
@@ -289,6 +290,41 @@ impl std::fmt::Debug for PeerPool {
     }
 }
 
+/// The HTTP a service port's `appProtocol` says its endpoints speak, where it names one. A port
+/// that names none (or another protocol) is spoken to in the client's version, as the client
+/// would have spoken to it without the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    /// HTTP/1.x (`http`): a request that came over HTTP/2 goes on as HTTP/1.1, as HAProxy and
+    /// nginx send theirs to a backend.
+    Http1,
+    /// HTTP/2 without TLS (`kubernetes.io/h2c`, the standard name in Kubernetes; also `h2c`,
+    /// `http2` and `grpc`): every request goes over HTTP/2, whatever the client spoke.
+    Http2,
+}
+
+impl Speaks {
+    pub fn from_app_protocol(name: &str) -> Option<Self> {
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        if is("http") {
+            Some(Speaks::Http1)
+        } else if ["kubernetes.io/h2c", "h2c", "http2", "grpc"].into_iter().any(is) {
+            Some(Speaks::Http2)
+        } else {
+            None
+        }
+    }
+
+    /// The version a request from a `client` of this version goes to the endpoint in.
+    fn version(speaks: Option<Self>, client: Version) -> Version {
+        match speaks {
+            Some(Speaks::Http2) => Version::HTTP_2,
+            Some(Speaks::Http1) if client == Version::HTTP_2 => Version::HTTP_11,
+            Some(Speaks::Http1) | None => client,
+        }
+    }
+}
+
 /// Where an outbound HTTP request goes, decided per request.
 pub enum Route {
     Meshed { peer: SocketAddr, identity: String, target_port: u16, authority: Arc<str> },
@@ -373,6 +409,8 @@ pub struct Routed {
     /// The route's retry policy, if it marks its requests retryable (or, with no attempts,
     /// not retryable at all).
     pub retry: Option<RouteRetry>,
+    /// The HTTP the backend's port says it speaks; `None`: the client's.
+    pub speaks: Option<Speaks>,
     /// The service asked for (`name.ns.svc.<domain>:port`), before any split: the metrics label.
     pub authority: Arc<str>,
 }
@@ -578,6 +616,8 @@ where
     let mut retries = 0;
     let (response, answered) = loop {
         let try_deadline = routed.try_timeout.map_or(deadline, |t| deadline.min(try_started + t));
+        // What the endpoint is spoken to in (box B speaks it for a meshed one).
+        let to_endpoint = Speaks::version(routed.speaks, version);
         let mut headers = parts.headers.clone();
         // Set when another try could not do better.
         let mut final_answer = false;
@@ -598,15 +638,15 @@ where
                 // the proxy's.
                 remove_connection_headers(&mut headers);
                 take_client_markers(&mut headers);
-                if version != Version::HTTP_11 {
-                    headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(version)));
+                if to_endpoint != Version::HTTP_11 {
+                    headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(to_endpoint)));
                 }
                 let uri = absolute(host, &path);
-                // From an HTTP/1 client, :authority carries the Host header's value and box B
-                // gives it back to the workload: one header less to compress and decompress on
-                // every request. (An HTTP/2 workload gets no Host from box B: an HTTP/2 client's
-                // own Host header goes as it came.)
-                if version != Version::HTTP_2
+                // For an HTTP/1 workload, :authority carries the Host header's value and box B
+                // gives it back: one header less to compress and decompress on every request.
+                // (An HTTP/2 workload gets no Host from box B: the client's own Host header goes
+                // as it came.)
+                if to_endpoint != Version::HTTP_2
                     && host_header.is_some()
                     && uri.authority().is_some_and(|a| a.as_str() == host)
                 {
@@ -618,14 +658,14 @@ where
             }
             Route::Plain { addr, .. } => {
                 if !headers.contains_key(http::header::HOST)
-                    && version != Version::HTTP_2
+                    && to_endpoint != Version::HTTP_2
                     && let Ok(value) = HeaderValue::from_str(host)
                 {
                     headers.insert(http::header::HOST, value);
                 }
                 let uri = Uri::from(path.clone());
-                let request = build(&parts.method, uri, version, headers, body.take());
-                tokio::time::timeout_at(try_deadline, proxy.plain.send(*addr, version, request)).await
+                let request = build(&parts.method, uri, to_endpoint, headers, body.take());
+                tokio::time::timeout_at(try_deadline, proxy.plain.send(*addr, to_endpoint, request)).await
             }
         };
         let result = match attempt {
@@ -906,6 +946,29 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_app_protocol_names_the_http_spoken_to_the_endpoint() {
+        let speaks = |name| Speaks::from_app_protocol(name);
+        assert_eq!(speaks("http"), Some(Speaks::Http1));
+        for name in ["kubernetes.io/h2c", "H2C", "http2", "grpc"] {
+            assert_eq!(speaks(name), Some(Speaks::Http2), "{name}");
+        }
+        for name in ["https", "kubernetes.io/ws", "tcp", "", "http/1.1x"] {
+            assert_eq!(speaks(name), None, "{name}");
+        }
+        let cases = [
+            (None, Version::HTTP_2, Version::HTTP_2),
+            (None, Version::HTTP_10, Version::HTTP_10),
+            (Some(Speaks::Http1), Version::HTTP_2, Version::HTTP_11),
+            (Some(Speaks::Http1), Version::HTTP_10, Version::HTTP_10),
+            (Some(Speaks::Http2), Version::HTTP_11, Version::HTTP_2),
+            (Some(Speaks::Http2), Version::HTTP_10, Version::HTTP_2),
+        ];
+        for (port_speaks, client, spoken) in cases {
+            assert_eq!(Speaks::version(port_speaks, client), spoken, "{port_speaks:?} {client:?}");
+        }
+    }
 
     #[tokio::test]
     async fn a_connection_asked_to_close_is_cut_only_after_a_second_idle_period() {

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::balance::{self, Candidate, InFlight, Outcome};
 use super::detect::Protocol;
-use super::http::{Refused, Route, Routed};
+use super::http::{Refused, Route, Routed, Speaks};
 use super::memo::Memo;
 use super::metrics::{ConnectionLabels, OpenConnection};
 use super::tcp::{Counted, splice};
@@ -300,6 +300,7 @@ fn route(proxy: &Proxy, resolver: &RequestResolver, request: &RequestInfo<'_>) -
                 timeout: Some(NO_DEADLINE),
                 try_timeout: None,
                 retry: Some(RouteRetry { attempts: Some(0), ..RouteRetry::default() }),
+                speaks: None,
                 authority,
             })
         }
@@ -317,7 +318,16 @@ fn route_to(
 ) -> Result<Routed, Error> {
     let Some((snapshot, request)) = routes else {
         let (plan, in_flight) = plan_for(proxy, resolved, port, Arc::clone(&authority))?;
-        return Ok(Routed { route: plan.into(), in_flight, timeout: None, try_timeout: None, retry: None, authority });
+        let speaks = speaks(resolved, port);
+        return Ok(Routed {
+            route: plan.into(),
+            in_flight,
+            timeout: None,
+            try_timeout: None,
+            retry: None,
+            speaks,
+            authority,
+        });
     };
     // Only a backend the cache knows is absent is dropped; one whose source has not synced is
     // kept, and answers "unknown" (503) if picked, never "no such backend".
@@ -331,16 +341,16 @@ fn route_to(
     }
     let backend = choice.pick(balance::roll() as u32).ok_or_else(|| Error::NoEndpoint(authority.to_string()))?;
     let backend_port = backend.port.unwrap_or(port);
-    let (plan, in_flight) = if backend.service == resolved.name && backend.namespace == resolved.namespace {
+    let ((plan, in_flight), speaks) = if backend.service == resolved.name && backend.namespace == resolved.namespace {
         let backend_authority =
             if backend_port == port { Arc::clone(&authority) } else { resolved.authority(backend_port).into() };
-        plan_for(proxy, resolved, backend_port, backend_authority)?
+        (plan_for(proxy, resolved, backend_port, backend_authority)?, speaks(resolved, backend_port))
     } else {
         let name = format!("{}.{}", backend.service, backend.namespace);
         match discovery::resolve_name(snapshot, &proxy.settings, &name) {
             Lookup::Found(backend) => {
                 let authority = backend.authority(backend_port).into();
-                plan_for(proxy, &backend, backend_port, authority)?
+                (plan_for(proxy, &backend, backend_port, authority)?, speaks(&backend, backend_port))
             }
             Lookup::Unknown { .. } => return Err(Error::EndpointsUnknown(format!("{name}:{backend_port}"))),
             Lookup::NotFound => return Err(Error::NoEndpoint(format!("{name}:{backend_port} (split backend)"))),
@@ -352,8 +362,15 @@ fn route_to(
         timeout: choice.request_timeout,
         try_timeout: choice.backend_timeout,
         retry: choice.retry,
+        speaks,
         authority,
     })
+}
+
+/// What the `appProtocol` of the service's `port` says its endpoints speak.
+fn speaks(resolved: &Resolved, port: u16) -> Option<Speaks> {
+    let app_protocol = resolved.ports.iter().find(|p| p.port == port)?.app_protocol.as_deref()?;
+    Speaks::from_app_protocol(app_protocol)
 }
 
 /// Picks a ready endpoint (topology first, then the balancer) and the port on it that
