@@ -204,8 +204,18 @@ fn meshkeep(http_server: SocketAddr, iperf_server: SocketAddr) -> Contender {
     const ONE_WORKER: &str = "[runtime]\nworkers = 1\n";
     let pair = |server: SocketAddr, proxy_extra: &str| {
         // The manifest folder is read as often as a box reads it by default (the tests' boxes
-        // read it every 200 ms).
-        two_boxes_custom(server, &Setup { tables: ONE_WORKER, proxy_extra, poll_interval: "2s", ..Setup::default() })
+        // read it every 200 ms). The service port says `appProtocol: http`: box B speaks
+        // HTTP/1.1 to the backend for HTTP/2 clients too, as HAProxy's and nginx's B do.
+        two_boxes_custom(
+            server,
+            &Setup {
+                tables: ONE_WORKER,
+                proxy_extra,
+                poll_interval: "2s",
+                app_protocol: Some("http"),
+                ..Setup::default()
+            },
+        )
     };
     let http = pair(http_server, "");
     let opaque = |server: SocketAddr| pair(server, &format!("opaque_ports = [{}]\n", server.port()));

@@ -231,14 +231,6 @@ fn http1_and_http2_cross_two_boxes_and_are_counted() {
     assert!(text.contains("response_latency_ms_bucket{"), "{text}");
 }
 
-/// Rewrites the manifests `manifests` wrote in `dir` with `appProtocol: app` on the service port.
-fn set_app_protocol(dir: &std::path::Path, original: &str, app: &str) {
-    let service_port_end = "}]}\n";
-    assert!(original.contains(service_port_end), "{original}");
-    let text = original.replacen(service_port_end, &format!(", appProtocol: {app}{service_port_end}"), 1);
-    std::fs::write(dir.join("echo.yaml"), text).unwrap();
-}
-
 /// Asks with `ask` until the answer contains `wanted` (the box reads its manifests every 200 ms).
 fn answer_with(wanted: &str, ask: impl Fn() -> String) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -255,23 +247,24 @@ fn answer_with(wanted: &str, ask: impl Fn() -> String) -> String {
 #[test]
 fn a_service_ports_app_protocol_chooses_the_http_its_endpoints_are_spoken_to_in() {
     // Meshed: box B speaks it to the workload.
-    let boxes = two_boxes_to(http_backend(), Some("echo"));
+    let backend = http_backend();
+    let boxes = two_boxes_to(backend, Some("echo"));
     let dir = boxes.dirs.path().join("a-manifests");
-    let original = std::fs::read_to_string(dir.join("echo.yaml")).unwrap();
+    let speaking = |app| manifests_speaking(&dir, backend.port(), Some("echo"), Some(app));
     let url = format!("http://{}/v", boxes.listener);
     let h2 = || curl(&["--http2-prior-knowledge", &url]);
     let h1 = || curl(&["--http1.1", "-H", "Host: echo.shop", &url]);
     let answer = h2();
     assert!(answer.contains("x-seen-version: HTTP/2.0"), "without appProtocol, the client's version\n{answer}");
 
-    set_app_protocol(&dir, &original, "http");
+    speaking("http");
     let answer = answer_with("x-seen-version: HTTP/1.1", h2);
     assert!(answer.starts_with("HTTP/2 200"), "{answer}");
     assert!(answer.contains(&format!("x-seen-host: {}\r\n", boxes.listener)), "Host from :authority\n{answer}");
     let answer = h1();
     assert!(answer.contains("x-seen-version: HTTP/1.1") && answer.contains("x-seen-host: echo.shop"), "{answer}");
 
-    set_app_protocol(&dir, &original, "kubernetes.io/h2c");
+    speaking("kubernetes.io/h2c");
     let answer = answer_with("x-seen-version: HTTP/2.0", h1);
     assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("x-seen-host: echo.shop"), "{answer}");
     assert!(answer.contains("x-leaked: \r\n"), "{answer}");
@@ -280,9 +273,7 @@ fn a_service_ports_app_protocol_chooses_the_http_its_endpoints_are_spoken_to_in(
     let backend = http_backend_on(std::net::SocketAddr::from(([127, 0, 0, 2], 0)));
     let dirs = tempfile::tempdir().unwrap();
     let dir = dirs.path().join("m");
-    manifests(&dir, backend.port(), None);
-    let original = std::fs::read_to_string(dir.join("echo.yaml")).unwrap();
-    set_app_protocol(&dir, &original, "http");
+    manifests_speaking(&dir, backend.port(), None, Some("http"));
     let listen = free_addr();
     let _daemon = Daemon::start(&format!(
         "[upstream.local]\npath = {:?}\npoll_interval = \"200ms\"\n[[proxy.listeners]]\nlisten = \"{listen}\"\nservice = \"echo.shop\"\nport = 80\n",
@@ -291,7 +282,7 @@ fn a_service_ports_app_protocol_chooses_the_http_its_endpoints_are_spoken_to_in(
     let url = format!("http://{listen}/v");
     let answer = answer_with("x-seen-version: HTTP/1.1", || curl(&["--http2-prior-knowledge", &url]));
     assert!(answer.contains(&format!("x-seen-host: {listen}\r\n")), "{answer}");
-    set_app_protocol(&dir, &original, "grpc");
+    manifests_speaking(&dir, backend.port(), None, Some("grpc"));
     answer_with("x-seen-version: HTTP/2.0", || curl(&["--http1.1", &url]));
 }
 

@@ -60,6 +60,12 @@ pub fn shared_issuer(dir: &Path) -> String {
 /// Manifests for box A: service echo.shop whose one endpoint is box B (127.0.0.2), run by a
 /// pod with service account `sa` (meshed unless `sa` is None).
 pub fn manifests(dir: &Path, backend_port: u16, sa: Option<&str>) {
+    manifests_speaking(dir, backend_port, sa, None);
+}
+
+/// [`manifests`], with `appProtocol: app_protocol` on the service port when it is given.
+pub fn manifests_speaking(dir: &Path, backend_port: u16, sa: Option<&str>, app_protocol: Option<&str>) {
+    let app_protocol = app_protocol.map(|name| format!(", appProtocol: {name}")).unwrap_or_default();
     let target_ref = if sa.is_some() { "    targetRef: {kind: Pod, namespace: shop, name: echo-0}\n" } else { "" };
     let pod = match sa {
         Some(sa) => format!(
@@ -71,7 +77,7 @@ pub fn manifests(dir: &Path, backend_port: u16, sa: Option<&str>) {
     std::fs::write(
         dir.join("echo.yaml"),
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: shop}}\nspec: {{clusterIP: 10.96.0.50, ports: [{{name: tcp, port: 80, targetPort: {backend_port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: echo-b, namespace: shop, labels: {{kubernetes.io/service-name: echo}}}}\naddressType: IPv4\nports: [{{name: tcp, port: {backend_port}}}]\nendpoints:\n  - addresses: [127.0.0.2]\n{target_ref}{pod}"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: shop}}\nspec: {{clusterIP: 10.96.0.50, ports: [{{name: tcp, port: 80, targetPort: {backend_port}{app_protocol}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: echo-b, namespace: shop, labels: {{kubernetes.io/service-name: echo}}}}\naddressType: IPv4\nports: [{{name: tcp, port: {backend_port}}}]\nendpoints:\n  - addresses: [127.0.0.2]\n{target_ref}{pod}"
         ),
     )
     .unwrap();
@@ -126,6 +132,8 @@ pub struct Setup<'a> {
     pub tables: &'a str,
     /// How often box A reads its manifest folder: short, so that tests see changes soon.
     pub poll_interval: &'a str,
+    /// The `appProtocol` of echo.shop's port, if any.
+    pub app_protocol: Option<&'a str>,
 }
 
 impl Default for Setup<'_> {
@@ -138,12 +146,22 @@ impl Default for Setup<'_> {
             a_service_account: "web",
             tables: "",
             poll_interval: "200ms",
+            app_protocol: None,
         }
     }
 }
 
 pub fn two_boxes_custom(backend: SocketAddr, setup: &Setup<'_>) -> Boxes {
-    let Setup { endpoint_sa, identity_extra, proxy_extra, b_extra, a_service_account, tables, poll_interval } = *setup;
+    let Setup {
+        endpoint_sa,
+        identity_extra,
+        proxy_extra,
+        b_extra,
+        a_service_account,
+        tables,
+        poll_interval,
+        app_protocol,
+    } = *setup;
     let dirs = tempfile::tempdir().unwrap();
     let identity = format!("{}{identity_extra}", shared_issuer(dirs.path()));
     let b_inbound = SocketAddr::from(([127, 0, 0, 2], free_port_on_b()));
@@ -154,7 +172,7 @@ pub fn two_boxes_custom(backend: SocketAddr, setup: &Setup<'_>) -> Boxes {
         .env("MESHKEEP_PROXY_INBOUND_LISTEN", b_inbound.to_string())
         .spawn();
     let listener = free_addr();
-    manifests(&dirs.path().join("a-manifests"), backend.port(), endpoint_sa);
+    manifests_speaking(&dirs.path().join("a-manifests"), backend.port(), endpoint_sa, app_protocol);
     let a_config = format!(
         "{identity}[identity.proxy]\nnamespace = \"shop\"\nservice_account = \"{a_service_account}\"\n\
          [upstream.local]\npath = {:?}\npoll_interval = \"{poll_interval}\"\n\
