@@ -256,6 +256,14 @@ fn a_service_ports_app_protocol_chooses_the_http_its_endpoints_are_spoken_to_in(
     let h1 = || curl(&["--http1.1", "-H", "Host: echo.shop", &url]);
     let answer = h2();
     assert!(answer.contains("x-seen-version: HTTP/2.0"), "without appProtocol, the client's version\n{answer}");
+    // An HTTP/1.1 list of equal lengths is one length across the HTTP/2 hop (h2 refuses lists).
+    let mut stream = TcpStream::connect(boxes.listener).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let listed = "POST /v HTTP/1.1\r\nHost: echo.shop\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello";
+    stream.write_all(listed.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"), "{answer}");
 
     speaking("http");
     let answer = answer_with("x-seen-version: HTTP/1.1", h2);
@@ -266,7 +274,9 @@ fn a_service_ports_app_protocol_chooses_the_http_its_endpoints_are_spoken_to_in(
 
     speaking("kubernetes.io/h2c");
     let answer = answer_with("x-seen-version: HTTP/2.0", h1);
-    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("x-seen-host: echo.shop"), "{answer}");
+    // The Host header went as :authority, and no Host header contradicts it.
+    let seen = "x-seen-host: echo.shop\r\nx-seen-authority: echo.shop\r\n";
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(seen), "{answer}");
     assert!(answer.contains("x-leaked: \r\n"), "{answer}");
 
     // Unmeshed: box A speaks it to the endpoint itself.
@@ -283,7 +293,8 @@ fn a_service_ports_app_protocol_chooses_the_http_its_endpoints_are_spoken_to_in(
     let answer = answer_with("x-seen-version: HTTP/1.1", || curl(&["--http2-prior-knowledge", &url]));
     assert!(answer.contains(&format!("x-seen-host: {listen}\r\n")), "{answer}");
     manifests_speaking(&dir, backend.port(), None, Some("grpc"));
-    answer_with("x-seen-version: HTTP/2.0", || curl(&["--http1.1", &url]));
+    let answer = answer_with("x-seen-version: HTTP/2.0", || curl(&["--http1.1", &url]));
+    assert!(answer.contains(&format!("x-seen-host: {listen}\r\nx-seen-authority: {listen}\r\n")), "{answer}");
 }
 
 #[test]

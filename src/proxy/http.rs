@@ -295,8 +295,8 @@ impl std::fmt::Debug for PeerPool {
 /// would have spoken to it without the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Speaks {
-    /// HTTP/1.x (`http`): a request that came over HTTP/2 goes on as HTTP/1.1, as HAProxy and
-    /// nginx send theirs to a backend.
+    /// HTTP/1.x (`http`): a request that came over HTTP/2 goes on as HTTP/1.1, as HAProxy
+    /// sends its requests to a backend (and nginx with `proxy_http_version 1.1`).
     Http1,
     /// HTTP/2 without TLS (`kubernetes.io/h2c`, the standard name in Kubernetes; also `h2c`,
     /// `http2` and `grpc`): every request goes over HTTP/2, whatever the client spoke.
@@ -642,11 +642,11 @@ where
                     headers.insert(ORIGINAL_VERSION_HEADER, HeaderValue::from_static(version_name(to_endpoint)));
                 }
                 let uri = absolute(host, &path);
-                // For an HTTP/1 workload, :authority carries the Host header's value and box B
-                // gives it back: one header less to compress and decompress on every request.
-                // (An HTTP/2 workload gets no Host from box B: the client's own Host header goes
-                // as it came.)
-                if to_endpoint != Version::HTTP_2
+                // From an HTTP/1 client, :authority carries the Host header's value: one header
+                // less to compress and decompress on every request. Box B gives it back to an
+                // HTTP/1 workload; an HTTP/2 workload has it as :authority (RFC 9113, 8.3.1),
+                // and an HTTP/2 client's own Host header goes as it came.
+                if version != Version::HTTP_2
                     && host_header.is_some()
                     && uri.authority().is_some_and(|a| a.as_str() == host)
                 {
@@ -657,13 +657,21 @@ where
                 tokio::time::timeout_at(try_deadline, sent).await
             }
             Route::Plain { addr, .. } => {
-                if !headers.contains_key(http::header::HOST)
-                    && to_endpoint != Version::HTTP_2
-                    && let Ok(value) = HeaderValue::from_str(host)
-                {
-                    headers.insert(http::header::HOST, value);
-                }
-                let uri = Uri::from(path.clone());
+                let uri = if to_endpoint == Version::HTTP_2 {
+                    // The authority goes as :authority, which a Host header from an HTTP/1
+                    // client must not contradict (RFC 9113, 8.3.1).
+                    if version != Version::HTTP_2 {
+                        headers.remove(http::header::HOST);
+                    }
+                    absolute(host, &path)
+                } else {
+                    if !headers.contains_key(http::header::HOST)
+                        && let Ok(value) = HeaderValue::from_str(host)
+                    {
+                        headers.insert(http::header::HOST, value);
+                    }
+                    Uri::from(path.clone())
+                };
                 let request = build(&parts.method, uri, to_endpoint, headers, body.take());
                 tokio::time::timeout_at(try_deadline, proxy.plain.send(*addr, to_endpoint, request)).await
             }
@@ -816,7 +824,8 @@ async fn open_peer(
 }
 
 /// Serves the HTTP/2 side of a peer connection: each request goes to its target port on
-/// `proxy.inbound_target`, in the version the original client used.
+/// `proxy.inbound_target`, in the version box A chose (the client's unless the service port's
+/// `appProtocol` names one; HTTP/1.x goes as HTTP/1.1).
 /// `authority` (from the transport header) labels the metrics, so a client's Host header cannot
 /// grow their cardinality.
 pub async fn serve_inbound<S>(
@@ -882,7 +891,7 @@ fn take_client_markers(headers: &mut http::HeaderMap) {
 }
 
 /// Takes the markers the peer's proxy added off a request's headers: the target port (else
-/// `default_port`, from the transport header) and the HTTP version the original client used.
+/// `default_port`, from the transport header) and the HTTP version box A chose for the workload.
 pub(crate) fn take_markers(headers: &mut http::HeaderMap, default_port: u16) -> (u16, Version) {
     if !has_markers(headers) {
         return (default_port, Version::HTTP_11);
@@ -930,7 +939,10 @@ async fn inbound_request(proxy: &Proxy, mut request: Request<Incoming>, peer: &I
     let path = path_of(&parts.uri);
     let method = parts.method.clone();
     let target = SocketAddr::new(proxy.inbound_target, port);
-    parts.uri = Uri::from(path.clone());
+    // An HTTP/2 workload is told the authority in :authority; an HTTP/1 one has it as Host.
+    if version != Version::HTTP_2 {
+        parts.uri = Uri::from(path.clone());
+    }
     parts.version = if version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let response = match proxy.plain.send(target, version, Request::from_parts(parts, boxed(body))).await {
         Ok(response) => response,

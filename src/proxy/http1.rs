@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
@@ -214,8 +214,10 @@ enum LengthError {
 /// of decimal numbers that must all agree (RFC 9110, 8.6).
 fn add_content_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), LengthError> {
     for part in tokens(value) {
-        // `u64::from_str` also takes a leading `+`; an empty part is no number either.
-        let digits = part.iter().all(u8::is_ascii_digit).then(|| std::str::from_utf8(part).ok()).flatten();
+        // `u64::from_str` also takes a leading `+`; an empty part is no number either. Over 19
+        // digits is no length a body has (and more than HTTP/2 peers take).
+        let digits =
+            (part.len() <= 19 && part.iter().all(u8::is_ascii_digit)).then(|| std::str::from_utf8(part).ok()).flatten();
         let parsed = digits.and_then(|d| d.parse::<u64>().ok()).ok_or(LengthError::Invalid)?;
         if length.is_some_and(|l| l != parsed) {
             return Err(LengthError::Differing);
@@ -235,8 +237,23 @@ fn encode_head(parts: &Parts, framing: RequestFraming, out: &mut Vec<u8>) {
     // HTTP/1.0 has no chunked coding (no server of this proxy hands on such a request anyway).
     let http10 = parts.version == Version::HTTP_10 && framing != RequestFraming::Chunked;
     out.extend_from_slice(if http10 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    let mut cookies_written = false;
     for (name, value) in &parts.headers {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        if name == COOKIE {
+            // HTTP/2 clients split cookies into several fields; HTTP/1.1 has one, its pairs
+            // joined with "; " (RFC 9113, 8.2.3).
+            if !cookies_written {
+                cookies_written = true;
+                out.extend_from_slice(b"cookie: ");
+                for (i, value) in parts.headers.get_all(COOKIE).iter().enumerate() {
+                    out.extend_from_slice(if i == 0 { b"" } else { b"; " });
+                    out.extend_from_slice(value.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+            }
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -789,6 +806,20 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    #[test]
+    fn split_cookie_fields_go_as_one_line() {
+        let mut request = http::Request::get("/").body(()).unwrap();
+        for cookie in ["a=1", "b=2"] {
+            request.headers_mut().append(COOKIE, HeaderValue::from_static(cookie));
+        }
+        request.headers_mut().insert("x-after", HeaderValue::from_static("1"));
+        let (parts, ()) = request.into_parts();
+        let mut out = Vec::new();
+        encode_head(&parts, RequestFraming::None, &mut out);
+        let head = String::from_utf8(out).unwrap();
+        assert_eq!(head, "GET / HTTP/1.1\r\ncookie: a=1; b=2\r\nx-after: 1\r\n\r\n");
+    }
 
     #[test]
     fn chunk_sizes() {

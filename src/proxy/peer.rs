@@ -139,11 +139,12 @@ impl PeerConnection {
         let (mut parts, body) = request.into_parts();
         strip_connection_specific(&mut parts.headers);
         // A body of known length says so, as hyper's client does (a buffered chunked body, or
-        // an empty POST: some servers want the length).
+        // an empty POST: some servers want the length), as one number: an HTTP/1.1 client's
+        // `5, 5` is a length there, a malformed request in HTTP/2.
         if let Some(length) = body.size_hint().exact()
             && (length != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT))
         {
-            parts.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
         let end = body.is_end_stream();
         let mut sender = self.sender.clone().ready().await.map_err(|e| {

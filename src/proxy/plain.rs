@@ -138,9 +138,11 @@ impl PlainClients {
         Home { pool: Arc::downgrade(&self.pool), addr }
     }
 
-    /// HTTP/2 requests carry the address as their authority (`:authority`, `:scheme` http).
+    /// HTTP/2 requests keep the authority they came with as `:authority` (the address when
+    /// they have none), with `:scheme` http.
     async fn send_http2(&self, addr: SocketAddr, mut request: Request<Body>) -> Result<Response<Incoming>, String> {
         let path = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let named = request.uri().authority().cloned();
         // A pooled connection that closed before taking the request hands it back: once more,
         // on a new one.
         for fresh in [false, true] {
@@ -152,7 +154,7 @@ impl PlainClients {
             };
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
-            parts.authority = Some(authority);
+            parts.authority = Some(named.clone().unwrap_or(authority));
             parts.path_and_query = Some(path.clone());
             *request.uri_mut() = Uri::from_parts(parts).map_err(|e| e.to_string())?;
             if let Err(e) = sender.ready().await {

@@ -270,6 +270,7 @@ async fn backend_answer(request: hyper::Request<hyper::body::Incoming>) -> hyper
         .status(status)
         .header("x-seen-version", version)
         .header("x-seen-host", host)
+        .header("x-seen-authority", request.uri().authority().map(|a| a.to_string()).unwrap_or_default())
         .header("x-leaked", leaked.join(","));
     if request.uri().path() == "/grpc" {
         let received = request.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
